@@ -1,0 +1,858 @@
+package hbone
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// conn is one HTTP/2 connection over TLS carrying CONNECT streams only. It
+// is deliberately small: HBONE needs HEADERS, DATA, flow control, RST_STREAM,
+// PING and GOAWAY, and the stream is a byte pipe with half-close in both
+// directions, which a generic HTTP/2 server cannot give a handler.
+//
+// Three goroutines own it: readLoop (frames in), writeLoop (frames out, the
+// only writer of the socket, so a reader never waits on a writer) and, on the
+// client, pingLoop. All end when the connection closes.
+type conn struct {
+	nc     net.Conn
+	tls    tls.ConnectionState
+	client bool
+	cfg    Config
+	log    *slog.Logger
+
+	// newStream is called (server side) in a new goroutine for each request.
+	newStream func(*Stream)
+	// onIdle (client side) is called when the connection has carried no
+	// stream for cfg.IdleTimeout; onClose when it is closed for any reason.
+	onIdle  func(*conn)
+	onClose func(*conn)
+
+	fr *http2.Framer // read side; only readLoop uses it
+	bw *bufio.Writer // write side; only writeLoop uses it
+	wf *http2.Framer // write side framer over bw
+
+	lastRead    atomic.Int64 // unix nanos of the last frame read
+	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
+	done      chan struct{}
+	writeDone chan struct{}
+	wg        sync.WaitGroup
+
+	mu      sync.Mutex
+	wcond   sync.Cond // writeLoop waits on it for frames
+	wq      []outFrame
+	wspare  []outFrame
+	wclosed bool // no more frames will be queued; writeLoop drains and ends
+
+	henc *hpack.Encoder
+	hbuf bytes.Buffer
+
+	streams     map[uint32]*Stream
+	nextID      uint32 // client: next stream id
+	maxPeerID   uint32 // server: highest stream id the peer opened
+	reserved    int    // client: slots promised to dials not yet opened
+	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	peerWindow  int32  // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerFrame   uint32 // peer's SETTINGS_MAX_FRAME_SIZE
+	sendWindow  int64  // connection send window
+	recvWindow  int64  // what the peer may still send us on the connection
+	recvUnacked int64  // consumed but not yet returned by WINDOW_UPDATE
+	goingAway   bool   // GOAWAY sent or received: no new streams
+	closed      bool
+	err         error
+	idleTimer   *time.Timer
+	idleSince   time.Time
+}
+
+type frameKind uint8
+
+const (
+	kindData frameKind = iota
+	kindHeaders
+	kindRST
+	kindWindow
+	kindSettings
+	kindSettingsAck
+	kindPing
+	kindPingAck
+	kindGoAway
+)
+
+// outFrame is one queued frame. Data frames point into the caller's buffer;
+// the caller waits on done until the frame is written.
+type outFrame struct {
+	kind     frameKind
+	streamID uint32
+	end      bool
+	data     []byte
+	code     http2.ErrCode
+	val      uint32
+	ping     [8]byte
+	done     chan error
+}
+
+const clientPreface = http2.ClientPreface
+
+// newConn sets up the connection state; start launches its goroutines once
+// the preface has been exchanged.
+func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
+	c := &conn{
+		nc:          nc,
+		client:      client,
+		cfg:         cfg,
+		log:         log,
+		done:        make(chan struct{}),
+		writeDone:   make(chan struct{}),
+		streams:     map[uint32]*Stream{},
+		nextID:      1,
+		peerStreams: cfg.MaxStreams, // until the peer's SETTINGS say otherwise
+		peerWindow:  65535,
+		peerFrame:   16384,
+		sendWindow:  65535,
+		recvWindow:  65535,
+	}
+	if tc, ok := nc.(*tls.Conn); ok {
+		c.tls = tc.ConnectionState()
+	}
+	c.wcond.L = &c.mu
+	c.bw = bufio.NewWriterSize(nc, 64<<10)
+	c.wf = http2.NewFramer(c.bw, nil)
+	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 64<<10))
+	c.fr.SetMaxReadFrameSize(cfg.MaxFrameSize)
+	c.fr.SetReuseFrames()
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = 64 << 10
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	c.lastRead.Store(time.Now().UnixNano())
+	// Our SETTINGS must be the first frame we send.
+	c.queue(outFrame{kind: kindSettings})
+	if extra := int64(cfg.ConnWindow) - 65535; extra > 0 {
+		c.queue(outFrame{kind: kindWindow, val: uint32(extra)})
+		c.recvWindow += extra
+	}
+	return c
+}
+
+// readPeerSettings reads the peer's first frame, which must be SETTINGS,
+// before the loops start. A client waits for it because in TLS 1.3 the
+// server judges the client's certificate after the client's handshake has
+// returned: the server's SETTINGS is the first sign it accepted us, and a
+// refusal shows here as the server's TLS alert instead of a broken pipe.
+func (c *conn) readPeerSettings(deadline time.Time) error {
+	_ = c.nc.SetReadDeadline(deadline)
+	defer c.nc.SetReadDeadline(time.Time{})
+	f, err := c.fr.ReadFrame()
+	if err != nil {
+		return err
+	}
+	sf, ok := f.(*http2.SettingsFrame)
+	if !ok || sf.IsAck() {
+		return fmt.Errorf("first frame is %v, want SETTINGS", f.Header().Type)
+	}
+	c.gotSettings = true
+	return c.onSettings(sf)
+}
+
+// start runs the connection's goroutines.
+func (c *conn) start() {
+	c.wg.Add(2)
+	go func() { defer c.wg.Done(); c.writeLoop() }()
+	go func() { defer c.wg.Done(); c.readLoop() }()
+	if c.client {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.pingLoop() }()
+	}
+}
+
+// queue appends a frame for writeLoop. c.mu must be held. It never blocks,
+// so readLoop can answer PINGs and SETTINGS while a writer waits on the socket.
+func (c *conn) queue(f outFrame) {
+	if c.wclosed {
+		if f.done != nil {
+			f.done <- c.errLocked()
+		}
+		return
+	}
+	c.wq = append(c.wq, f)
+	if len(c.wq) == 1 {
+		c.wcond.Signal()
+	}
+}
+
+func (c *conn) errLocked() error {
+	if c.err != nil {
+		return c.err
+	}
+	return ErrConnClosed
+}
+
+// writeLoop is the only goroutine that writes to the socket. It takes every
+// queued frame at once, writes them and flushes once, so streams that write
+// together share TLS records and syscalls.
+func (c *conn) writeLoop() {
+	defer close(c.writeDone)
+	var werr error
+	for {
+		c.mu.Lock()
+		for len(c.wq) == 0 && !c.wclosed {
+			c.wcond.Wait()
+		}
+		if len(c.wq) == 0 {
+			c.mu.Unlock()
+			if werr == nil {
+				werr = c.bw.Flush()
+			}
+			return
+		}
+		q := c.wq
+		c.wq, c.wspare = c.wspare[:0], nil
+		c.mu.Unlock()
+
+		for i := range q {
+			if werr == nil {
+				werr = c.writeFrame(&q[i])
+			}
+		}
+		if werr == nil {
+			werr = c.bw.Flush()
+		}
+		for i := range q {
+			if q[i].done != nil {
+				q[i].done <- werr
+			}
+			q[i] = outFrame{}
+		}
+		c.mu.Lock()
+		c.wspare = q[:0]
+		c.mu.Unlock()
+		if werr != nil {
+			c.closeWithError(fmt.Errorf("hbone: write: %w", werr))
+		}
+	}
+}
+
+func (c *conn) writeFrame(f *outFrame) error {
+	switch f.kind {
+	case kindData:
+		// Written by hand so the payload goes from the caller's buffer to
+		// the bufio.Writer without the Framer's intermediate copy.
+		var hdr [9]byte
+		n := len(f.data)
+		hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
+		hdr[3] = byte(http2.FrameData)
+		if f.end {
+			hdr[4] = byte(http2.FlagDataEndStream)
+		}
+		binary.BigEndian.PutUint32(hdr[5:], f.streamID)
+		if _, err := c.bw.Write(hdr[:]); err != nil {
+			return err
+		}
+		_, err := c.bw.Write(f.data)
+		return err
+	case kindHeaders:
+		block := f.data
+		max := int(c.peerFrameSize())
+		first := true
+		for first || len(block) > 0 {
+			chunk := block
+			if len(chunk) > max {
+				chunk = chunk[:max]
+			}
+			block = block[len(chunk):]
+			var err error
+			if first {
+				err = c.wf.WriteHeaders(http2.HeadersFrameParam{StreamID: f.streamID, BlockFragment: chunk, EndStream: f.end, EndHeaders: len(block) == 0})
+				first = false
+			} else {
+				err = c.wf.WriteContinuation(f.streamID, len(block) == 0, chunk)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	case kindRST:
+		return c.wf.WriteRSTStream(f.streamID, f.code)
+	case kindWindow:
+		return c.wf.WriteWindowUpdate(f.streamID, f.val)
+	case kindSettings:
+		s := []http2.Setting{
+			{ID: http2.SettingInitialWindowSize, Val: uint32(c.cfg.StreamWindow)},
+			{ID: http2.SettingMaxFrameSize, Val: c.cfg.MaxFrameSize},
+			{ID: http2.SettingMaxHeaderListSize, Val: 64 << 10},
+		}
+		if c.client {
+			s = append(s, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+		} else {
+			s = append(s, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.cfg.MaxStreams})
+		}
+		return c.wf.WriteSettings(s...)
+	case kindSettingsAck:
+		return c.wf.WriteSettingsAck()
+	case kindPing:
+		return c.wf.WritePing(false, f.ping)
+	case kindPingAck:
+		return c.wf.WritePing(true, f.ping)
+	case kindGoAway:
+		return c.wf.WriteGoAway(f.val, f.code, nil)
+	}
+	return fmt.Errorf("hbone: unknown frame kind %d", f.kind)
+}
+
+func (c *conn) peerFrameSize() uint32 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peerFrame
+}
+
+// connError is a protocol violation by the peer that ends the connection.
+type connError struct {
+	code http2.ErrCode
+	msg  string
+}
+
+func (e connError) Error() string { return fmt.Sprintf("hbone: peer protocol error (%v): %s", e.code, e.msg) }
+
+// readLoop reads every frame and applies it. It never blocks on anything
+// but the socket.
+func (c *conn) readLoop() {
+	err := c.readFrames()
+	var ce connError
+	if errors.As(err, &ce) {
+		c.mu.Lock()
+		c.queue(outFrame{kind: kindGoAway, val: c.maxPeerID, code: ce.code})
+		c.mu.Unlock()
+		c.log.Debug("hbone connection error", "peer", c.nc.RemoteAddr(), "err", err)
+		c.closeGracefully(err)
+		return
+	}
+	if errors.Is(err, io.EOF) {
+		err = ErrConnClosed
+	}
+	c.closeWithError(err)
+}
+
+func (c *conn) readFrames() error {
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.mu.Lock()
+				if s := c.streams[se.StreamID]; s != nil {
+					c.resetLocked(s, se.Code, false)
+				} else {
+					c.queue(outFrame{kind: kindRST, streamID: se.StreamID, code: se.Code})
+				}
+				c.mu.Unlock()
+				continue
+			}
+			var h2e http2.ConnectionError
+			if errors.As(err, &h2e) {
+				return connError{http2.ErrCode(h2e), err.Error()}
+			}
+			return err
+		}
+		c.lastRead.Store(time.Now().UnixNano())
+		if !c.gotSettings {
+			sf, ok := f.(*http2.SettingsFrame)
+			if !ok || sf.IsAck() {
+				return connError{http2.ErrCodeProtocol, "first frame is not SETTINGS"}
+			}
+			c.gotSettings = true
+		}
+		if err := c.handleFrame(f); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *conn) handleFrame(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		return c.onData(f)
+	case *http2.MetaHeadersFrame:
+		return c.onHeaders(f)
+	case *http2.SettingsFrame:
+		return c.onSettings(f)
+	case *http2.WindowUpdateFrame:
+		return c.onWindowUpdate(f)
+	case *http2.RSTStreamFrame:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if s := c.streams[f.StreamID]; s != nil {
+			s.rerr = &ResetError{Code: f.ErrCode, Remote: true}
+			s.reset = true
+			c.removeLocked(s)
+		}
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			c.mu.Lock()
+			c.queue(outFrame{kind: kindPingAck, ping: f.Data})
+			c.mu.Unlock()
+		}
+	case *http2.GoAwayFrame:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.goingAway = true
+		if f.ErrCode != http2.ErrCodeNo {
+			c.log.Debug("hbone: peer sent GOAWAY", "peer", c.nc.RemoteAddr(), "code", f.ErrCode, "debug", string(f.DebugData()))
+		}
+		for id, s := range c.streams {
+			if c.client && id > f.LastStreamID {
+				s.rerr = errGoingAway
+				s.reset = true
+				c.removeLocked(s)
+			}
+		}
+		c.checkIdleLocked()
+	case *http2.PushPromiseFrame:
+		return connError{http2.ErrCodeProtocol, "PUSH_PROMISE on an HBONE connection"}
+	}
+	// PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
+	return nil
+}
+
+func (c *conn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return connError{http2.ErrCodeProtocol, err.Error()}
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int64(s.Val) - int64(c.peerWindow)
+			c.peerWindow = int32(s.Val)
+			for _, st := range c.streams {
+				st.sendWindow += delta
+				if st.sendWindow > 1<<31-1 {
+					return connError{http2.ErrCodeFlowControl, "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window"}
+				}
+				st.cond.Broadcast()
+			}
+		case http2.SettingMaxFrameSize:
+			c.peerFrame = s.Val
+		case http2.SettingMaxConcurrentStreams:
+			c.peerStreams = s.Val
+		case http2.SettingHeaderTableSize:
+			c.henc.SetMaxDynamicTableSizeLimit(s.Val)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.queue(outFrame{kind: kindSettingsAck})
+	return nil
+}
+
+func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.StreamID == 0 {
+		c.sendWindow += int64(f.Increment)
+		if c.sendWindow > 1<<31-1 {
+			return connError{http2.ErrCodeFlowControl, "connection window overflow"}
+		}
+		for _, s := range c.streams {
+			s.cond.Broadcast()
+		}
+		return nil
+	}
+	s := c.streams[f.StreamID]
+	if s == nil {
+		return nil // a stream we already closed
+	}
+	s.sendWindow += int64(f.Increment)
+	if s.sendWindow > 1<<31-1 {
+		c.resetLocked(s, http2.ErrCodeFlowControl, false)
+		return nil
+	}
+	s.cond.Broadcast()
+	return nil
+}
+
+func (c *conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Length) // padding counts against flow control too
+	data := f.Data()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.recvWindow -= n
+	if c.recvWindow < 0 {
+		return connError{http2.ErrCodeFlowControl, "peer overran the connection window"}
+	}
+	s := c.streams[f.StreamID]
+	if s == nil || s.reof || s.reset {
+		if !c.knownStreamLocked(f.StreamID) {
+			return connError{http2.ErrCodeProtocol, fmt.Sprintf("DATA on idle stream %d", f.StreamID)}
+		}
+		// A stream we closed or reset: the bytes are dropped but the
+		// connection window still gets them back.
+		c.creditConnLocked(n)
+		if s != nil && s.reof && !s.reset {
+			c.resetLocked(s, http2.ErrCodeStreamClosed, false)
+		}
+		return nil
+	}
+	s.recvWindow -= n
+	if s.recvWindow < 0 {
+		c.creditConnLocked(n)
+		c.resetLocked(s, http2.ErrCodeFlowControl, false)
+		return nil
+	}
+	if pad := n - int64(len(data)); pad > 0 {
+		c.creditConnLocked(pad)
+		s.creditLocked(pad)
+	}
+	if len(data) > 0 {
+		s.rbuf.write(data)
+	}
+	if f.StreamEnded() {
+		s.reof = true
+		if s.wEOF {
+			c.removeLocked(s)
+		}
+	}
+	s.cond.Broadcast()
+	return nil
+}
+
+// knownStreamLocked reports whether id names a stream that was opened at
+// some point (as opposed to an idle one).
+func (c *conn) knownStreamLocked(id uint32) bool {
+	if id == 0 {
+		return false
+	}
+	if c.client {
+		return id%2 == 1 && id < c.nextID
+	}
+	return id%2 == 1 && id <= c.maxPeerID
+}
+
+func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	id := f.StreamID
+	if s := c.streams[id]; s != nil {
+		if c.client && !s.gotResp {
+			status, err := strconv.Atoi(f.PseudoValue("status"))
+			if err != nil || status < 100 || status > 999 {
+				c.resetLocked(s, http2.ErrCodeProtocol, false)
+				return nil
+			}
+			if status >= 100 && status < 200 {
+				return nil // informational; the real answer follows
+			}
+			s.gotResp = true
+			s.status = status
+			s.header = regularHeaders(f)
+		} else if !f.StreamEnded() {
+			// Trailers must end the stream.
+			c.resetLocked(s, http2.ErrCodeProtocol, false)
+			return nil
+		}
+		if f.StreamEnded() {
+			s.reof = true
+			if s.wEOF {
+				c.removeLocked(s)
+			}
+		}
+		s.cond.Broadcast()
+		return nil
+	}
+	if c.client {
+		if c.knownStreamLocked(id) {
+			return nil // a stream we already closed
+		}
+		return connError{http2.ErrCodeProtocol, fmt.Sprintf("HEADERS on stream %d the client never opened", id)}
+	}
+	// Server: a new request.
+	if id%2 == 0 || id <= c.maxPeerID {
+		if id <= c.maxPeerID && id%2 == 1 {
+			return nil // late frame of a closed stream
+		}
+		return connError{http2.ErrCodeProtocol, fmt.Sprintf("bad new stream id %d", id)}
+	}
+	c.maxPeerID = id
+	if c.goingAway || c.closed || uint32(len(c.streams)) >= c.cfg.MaxStreams {
+		c.queue(outFrame{kind: kindRST, streamID: id, code: http2.ErrCodeRefusedStream})
+		return nil
+	}
+	s := c.newStreamLocked(id)
+	s.method = f.PseudoValue("method")
+	s.authority = f.PseudoValue("authority")
+	s.extended = f.PseudoValue("path") != "" || f.PseudoValue("scheme") != "" || f.PseudoValue("protocol") != ""
+	s.header = regularHeaders(f)
+	if f.StreamEnded() {
+		s.reof = true
+	}
+	c.stopIdleLocked()
+	if c.newStream != nil {
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.newStream(s)
+		}()
+	}
+	return nil
+}
+
+func regularHeaders(f *http2.MetaHeadersFrame) http.Header {
+	fields := f.RegularFields()
+	if len(fields) == 0 {
+		return nil
+	}
+	h := make(http.Header, len(fields))
+	for _, hf := range fields {
+		h.Add(hf.Name, hf.Value)
+	}
+	return h
+}
+
+// newStreamLocked registers a stream with the windows both sides agreed on.
+func (c *conn) newStreamLocked(id uint32) *Stream {
+	s := &Stream{
+		c:          c,
+		id:         id,
+		sendWindow: int64(c.peerWindow),
+		recvWindow: int64(c.cfg.StreamWindow),
+		done:       make(chan error, 1),
+	}
+	s.cond.L = &c.mu
+	c.streams[id] = s
+	return s
+}
+
+// encodeHeadersLocked hpack-encodes fields. It must run under c.mu and the
+// frame be queued under the same lock, so blocks reach the wire in the
+// order the encoder's table saw them.
+func (c *conn) encodeHeadersLocked(fields []hpack.HeaderField) []byte {
+	c.hbuf.Reset()
+	for _, f := range fields {
+		_ = c.henc.WriteField(f) // writes to a bytes.Buffer cannot fail
+	}
+	return bytes.Clone(c.hbuf.Bytes())
+}
+
+// resetLocked ends a stream with RST_STREAM.
+func (c *conn) resetLocked(s *Stream, code http2.ErrCode, remote bool) {
+	if s.reset {
+		return
+	}
+	s.reset = true
+	if s.rerr == nil {
+		s.rerr = &ResetError{Code: code, Remote: remote}
+	}
+	if !remote {
+		c.queue(outFrame{kind: kindRST, streamID: s.id, code: code})
+	}
+	c.removeLocked(s)
+}
+
+// removeLocked forgets a finished stream; its buffered bytes stay readable.
+func (c *conn) removeLocked(s *Stream) {
+	if s.removed {
+		return
+	}
+	s.removed = true
+	delete(c.streams, s.id)
+	s.cond.Broadcast()
+	c.checkIdleLocked()
+}
+
+// creditConnLocked returns n consumed bytes to the peer's connection window,
+// in batches of half the window so WINDOW_UPDATEs stay rare.
+func (c *conn) creditConnLocked(n int64) {
+	c.recvUnacked += n
+	if c.recvUnacked >= int64(c.cfg.ConnWindow)/2 {
+		c.queue(outFrame{kind: kindWindow, val: uint32(c.recvUnacked)})
+		c.recvWindow += c.recvUnacked
+		c.recvUnacked = 0
+	}
+}
+
+// tryReserve claims a stream slot for a dial (client side).
+func (c *conn) tryReserve() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.goingAway {
+		return false
+	}
+	limit := min(c.cfg.MaxStreams, c.peerStreams)
+	if uint32(len(c.streams)+c.reserved) >= limit {
+		return false
+	}
+	c.reserved++
+	c.stopIdleLocked()
+	return true
+}
+
+func (c *conn) unreserve() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reserved--
+	c.checkIdleLocked()
+}
+
+// usable reports whether the connection may take new streams at all.
+func (c *conn) usable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closed && !c.goingAway
+}
+
+// activeStreams counts open streams.
+func (c *conn) activeStreams() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.streams)
+}
+
+// checkIdleLocked arms the idle timer when the last stream ends (client).
+func (c *conn) checkIdleLocked() {
+	if !c.client || c.closed || len(c.streams) > 0 || c.reserved > 0 {
+		return
+	}
+	if c.goingAway {
+		// Drained after GOAWAY: nothing more can happen here.
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.closeGracefully(errGoingAway) }()
+		return
+	}
+	c.idleSince = time.Now()
+	if c.idleTimer == nil {
+		c.idleTimer = time.AfterFunc(c.cfg.IdleTimeout, c.idleFired)
+	} else {
+		c.idleTimer.Reset(c.cfg.IdleTimeout)
+	}
+}
+
+func (c *conn) stopIdleLocked() {
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
+	}
+}
+
+func (c *conn) idleFired() {
+	c.mu.Lock()
+	idle := !c.closed && len(c.streams) == 0 && c.reserved == 0 && time.Since(c.idleSince) >= c.cfg.IdleTimeout
+	if idle {
+		c.goingAway = true
+	}
+	c.mu.Unlock()
+	if idle {
+		if c.onIdle != nil {
+			c.onIdle(c)
+		}
+		c.closeGracefully(errIdle)
+	}
+}
+
+// pingLoop sends a PING every interval and closes the connection when
+// nothing at all was read for the timeout.
+func (c *conn) pingLoop() {
+	t := time.NewTicker(c.cfg.PingInterval)
+	defer t.Stop()
+	var n uint64
+	for {
+		select {
+		case <-c.done:
+			return
+		case now := <-t.C:
+			if now.Sub(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingTimeout {
+				c.closeWithError(errKeepalive)
+				return
+			}
+			n++
+			var p [8]byte
+			binary.BigEndian.PutUint64(p[:], n)
+			c.mu.Lock()
+			c.queue(outFrame{kind: kindPing, ping: p})
+			c.mu.Unlock()
+		}
+	}
+}
+
+// goAway tells the peer no new streams will be accepted (server drain).
+func (c *conn) goAway() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.goingAway || c.closed {
+		return
+	}
+	c.goingAway = true
+	c.queue(outFrame{kind: kindGoAway, val: c.maxPeerID, code: http2.ErrCodeNo})
+}
+
+// closeGracefully lets queued frames (a GOAWAY, final END_STREAMs) reach the
+// wire, waiting at most a second, then closes.
+func (c *conn) closeGracefully(reason error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.wclosed = true
+	c.wcond.Broadcast()
+	c.mu.Unlock()
+	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+	select {
+	case <-c.writeDone:
+	case <-time.After(time.Second):
+	}
+	c.closeWithError(reason)
+}
+
+// closeWithError ends the connection and every stream on it.
+func (c *conn) closeWithError(err error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.err = err
+	c.mu.Unlock()
+	// Leave the pool before the streams learn of the end, so no caller
+	// that sees a stream fail can still find the connection pooled.
+	if c.onClose != nil {
+		c.onClose(c)
+	}
+	c.mu.Lock()
+	c.wclosed = true
+	c.wcond.Broadcast()
+	c.stopIdleLocked()
+	for _, s := range c.streams {
+		if s.rerr == nil {
+			s.rerr = err
+		}
+		s.reset = true
+		s.removed = true
+		s.cond.Broadcast()
+	}
+	clear(c.streams)
+	c.mu.Unlock()
+	c.nc.Close()
+	close(c.done)
+}
+
+// wait blocks until every goroutine of the connection has ended.
+func (c *conn) wait() { c.wg.Wait() }

@@ -1,0 +1,205 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/identity"
+)
+
+var (
+	clientID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
+	serverID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "server"}
+)
+
+// newCA makes a fresh self-signed CA in a temporary directory.
+func newCA(t testing.TB) *identity.CA {
+	t.Helper()
+	ca, err := identity.InitCA(t.TempDir(), "test", 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+// newManager returns a certificate manager over ca, closed with the test.
+func newManager(t testing.TB, ca *identity.CA, ttl time.Duration) *identity.Manager {
+	t.Helper()
+	m := identity.NewManager(&identity.LocalIssuer{CA: ca, TTL: ttl}, nil)
+	t.Cleanup(m.Close)
+	return m
+}
+
+// logBuffer collects a component's log lines so a test can assert on them.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func (l *logBuffer) logger() *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
+
+// waitLog waits until the log holds substr.
+func (l *logBuffer) waitLog(t testing.TB, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if bytes.Contains([]byte(l.String()), []byte(substr)) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("log never said %q; log:\n%s", substr, l.String())
+}
+
+// testServer is an HBONE server on a loopback port.
+type testServer struct {
+	*Server
+	addr    netip.AddrPort
+	log     logBuffer
+	accepts atomic.Int32 // TCP connections accepted
+}
+
+type countingListener struct {
+	net.Listener
+	n *atomic.Int32
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
+}
+
+// startServer serves HBONE as id, with certificates from m, on 127.0.0.1.
+func startServer(t testing.TB, m *identity.Manager, id identity.ID, h Handler, cfg Config) *testServer {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := &testServer{}
+	ts.Server = &Server{
+		GetCertificate: func(ctx context.Context, _ netip.Addr) (*identity.Certificate, error) { return m.Get(ctx, id) },
+		Handler:        h,
+		Config:         cfg,
+		Log:            ts.log.logger(),
+	}
+	ts.addr = netip.MustParseAddrPort(l.Addr().String())
+	done := make(chan error, 1)
+	go func() { done <- ts.Serve(countingListener{l, &ts.accepts}) }()
+	t.Cleanup(func() {
+		ts.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	})
+	return ts
+}
+
+// relay is what a node proxy does with an accepted tunnel: connect to the
+// authority over real TCP and copy both ways, passing half-closes on.
+func relay() Handler {
+	return HandlerFunc(func(ctx context.Context, r *ServerRequest) {
+		var d net.Dialer
+		up, err := d.DialContext(ctx, "tcp", r.Authority.String())
+		if err != nil {
+			_ = r.Reject(http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		defer up.Close()
+		st, err := r.Accept(nil)
+		if err != nil {
+			return
+		}
+		pipe(st, up.(*net.TCPConn))
+	})
+}
+
+// pipe copies both ways until both directions ended.
+func pipe(a *Stream, b *net.TCPConn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		io.Copy(b, a)
+		b.CloseWrite()
+	}()
+	go func() {
+		defer wg.Done()
+		io.Copy(a, b)
+		a.CloseWrite()
+	}()
+	wg.Wait()
+}
+
+// echoServer is a TCP server that echoes until the client half-closes, then
+// half-closes itself.
+func echoServer(t testing.TB) netip.AddrPort {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(l.Addr().String())
+}
+
+// newDialer returns a dialer over m, closed with the test.
+func newDialer(t testing.TB, m CertSource, cfg Config) *Dialer {
+	t.Helper()
+	d := &Dialer{Certs: m, Config: cfg}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func request(srv, target netip.AddrPort) Request {
+	return Request{Source: clientID, Expected: []identity.ID{serverID}, Address: srv, Authority: target}
+}
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

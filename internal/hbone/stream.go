@@ -1,0 +1,369 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/identity"
+	"golang.org/x/net/http2"
+)
+
+// Stream is one HBONE tunnel: an HTTP/2 CONNECT stream used as a byte pipe.
+// It is a net.Conn with CloseWrite for half-close: CloseWrite sends
+// END_STREAM and the peer reads io.EOF while the other direction goes on.
+// Close ends both directions; if the peer was still sending, it resets the
+// stream (like a TCP close with unread data).
+type Stream struct {
+	c  *conn
+	id uint32
+
+	wmu  sync.Mutex // serializes Write and CloseWrite
+	done chan error // completion of this stream's queued DATA frame
+
+	// Guarded by c.mu.
+	cond        sync.Cond
+	rbuf        recvBuf
+	reof        bool  // END_STREAM received
+	rerr        error // reset or connection error
+	recvWindow  int64
+	recvUnacked int64
+	sendWindow  int64
+	wEOF        bool // END_STREAM queued
+	reset       bool
+	removed     bool
+	closed      bool // Close called
+	rdeadline   time.Time
+	wdeadline   time.Time
+	rtimer      *time.Timer
+	wtimer      *time.Timer
+
+	// Request (server side) or response (client side), fixed once set.
+	method    string
+	authority string
+	extended  bool
+	header    http.Header
+	gotResp   bool
+	status    int
+	responded bool
+
+	info Info
+}
+
+// Info describes the tunnel a stream runs in, for logs and the demo.
+type Info struct {
+	StreamID    uint32
+	Reused      bool // client: the stream rode an existing pooled connection
+	LocalAddr   net.Addr
+	RemoteAddr  net.Addr
+	TLSVersion  uint16
+	CipherSuite uint16
+	ALPN        string
+	Peer        identity.ID // the verified SPIFFE identity at the other end
+	Status      int         // the CONNECT answer
+}
+
+// TLSVersionName and CipherSuiteName render the numbers for people.
+func (i Info) TLSVersionName() string  { return tls.VersionName(i.TLSVersion) }
+func (i Info) CipherSuiteName() string { return tls.CipherSuiteName(i.CipherSuite) }
+
+// Info returns what is known about the stream's tunnel.
+func (s *Stream) Info() Info { return s.info }
+
+// ID is the HTTP/2 stream id.
+func (s *Stream) ID() uint32 { return s.id }
+
+// Read reads tunnelled bytes. It returns io.EOF after the peer's
+// END_STREAM, and the reset or connection error otherwise.
+func (s *Stream) Read(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		if s.closed {
+			return 0, net.ErrClosed
+		}
+		if s.rbuf.len() > 0 {
+			if len(p) == 0 {
+				return 0, nil
+			}
+			n := s.rbuf.read(p)
+			c.creditConnLocked(int64(n))
+			s.creditLocked(int64(n))
+			return n, nil
+		}
+		if s.rerr != nil {
+			return 0, s.rerr
+		}
+		if s.reof {
+			return 0, io.EOF
+		}
+		if expired(s.rdeadline) {
+			return 0, os.ErrDeadlineExceeded
+		}
+		s.cond.Wait()
+	}
+}
+
+// creditLocked returns consumed bytes to the stream's window, in batches.
+func (s *Stream) creditLocked(n int64) {
+	if s.reof || s.reset {
+		return // the peer will send nothing more
+	}
+	s.recvUnacked += n
+	if s.recvUnacked >= int64(s.c.cfg.StreamWindow)/2 {
+		s.c.queue(outFrame{kind: kindWindow, streamID: s.id, val: uint32(s.recvUnacked)})
+		s.recvWindow += s.recvUnacked
+		s.recvUnacked = 0
+	}
+}
+
+// Write sends p as DATA frames within the flow-control windows. It returns
+// once the bytes are handed to the TLS connection, so p may be reused.
+func (s *Stream) Write(p []byte) (int, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	c := s.c
+	total := 0
+	for len(p) > 0 {
+		c.mu.Lock()
+		for {
+			if err := s.writeErrLocked(); err != nil {
+				c.mu.Unlock()
+				return total, err
+			}
+			if s.sendWindow > 0 && c.sendWindow > 0 {
+				break
+			}
+			s.cond.Wait()
+		}
+		n := int64(len(p))
+		n = min(n, s.sendWindow, c.sendWindow, int64(c.peerFrame))
+		s.sendWindow -= n
+		c.sendWindow -= n
+		c.queue(outFrame{kind: kindData, streamID: s.id, data: p[:n], done: s.done})
+		c.mu.Unlock()
+		if err := <-s.done; err != nil {
+			return total, err
+		}
+		total += int(n)
+		p = p[n:]
+	}
+	return total, nil
+}
+
+func (s *Stream) writeErrLocked() error {
+	switch {
+	case s.closed:
+		return net.ErrClosed
+	case s.wEOF:
+		return errWriteAfterClose
+	case s.reset:
+		if s.rerr != nil {
+			return s.rerr
+		}
+		return &ResetError{Code: http2.ErrCodeCancel}
+	case expired(s.wdeadline):
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
+var errWriteAfterClose = &net.OpError{Op: "write", Net: "hbone", Err: io.ErrClosedPipe}
+
+// CloseWrite half-closes the stream: END_STREAM goes to the peer, which
+// reads io.EOF, while this side can still read.
+func (s *Stream) CloseWrite() error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed {
+		return net.ErrClosed
+	}
+	return s.endLocked()
+}
+
+func (s *Stream) endLocked() error {
+	if s.wEOF {
+		return nil
+	}
+	if s.reset {
+		return s.writeErrLocked()
+	}
+	s.wEOF = true
+	s.c.queue(outFrame{kind: kindData, streamID: s.id, end: true})
+	if s.reof {
+		s.c.removeLocked(s)
+	}
+	return nil
+}
+
+// Close ends both directions. Unread bytes are dropped and returned to the
+// connection's window so other streams are not starved.
+func (s *Stream) Close() error {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	switch {
+	case s.reset:
+	case !s.reof:
+		c.resetLocked(s, http2.ErrCodeCancel, false)
+	case !s.wEOF:
+		s.wEOF = true
+		c.queue(outFrame{kind: kindData, streamID: s.id, end: true})
+		c.removeLocked(s)
+	}
+	s.closed = true
+	if n := s.rbuf.len(); n > 0 {
+		s.rbuf.reset()
+		c.creditConnLocked(int64(n))
+	}
+	if s.rtimer != nil {
+		s.rtimer.Stop()
+	}
+	if s.wtimer != nil {
+		s.wtimer.Stop()
+	}
+	s.cond.Broadcast()
+	return nil
+}
+
+// LocalAddr and RemoteAddr are those of the TLS connection carrying the stream.
+func (s *Stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
+func (s *Stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
+
+// SetDeadline sets both deadlines.
+func (s *Stream) SetDeadline(t time.Time) error {
+	s.SetReadDeadline(t)
+	return s.SetWriteDeadline(t)
+}
+
+// SetReadDeadline makes a blocked or future Read fail at t.
+func (s *Stream) SetReadDeadline(t time.Time) error {
+	s.setDeadline(&s.rdeadline, &s.rtimer, t)
+	return nil
+}
+
+// SetWriteDeadline makes a Write waiting for window fail at t. A frame
+// already handed to the connection is written regardless.
+func (s *Stream) SetWriteDeadline(t time.Time) error {
+	s.setDeadline(&s.wdeadline, &s.wtimer, t)
+	return nil
+}
+
+func (s *Stream) setDeadline(d *time.Time, timer **time.Timer, t time.Time) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	*d = t
+	if *timer != nil {
+		(*timer).Stop()
+	}
+	if !t.IsZero() {
+		*timer = time.AfterFunc(time.Until(t), func() {
+			c.mu.Lock()
+			s.cond.Broadcast()
+			c.mu.Unlock()
+		})
+	}
+	s.cond.Broadcast()
+}
+
+func expired(d time.Time) bool { return !d.IsZero() && !time.Now().Before(d) }
+
+// waitResponse blocks until the server answers the CONNECT (client side).
+func (s *Stream) waitResponse(ctx context.Context) (int, http.Header, error) {
+	c := s.c
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		s.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	defer stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for !s.gotResp && s.rerr == nil && ctx.Err() == nil {
+		s.cond.Wait()
+	}
+	if s.gotResp {
+		return s.status, s.header, nil
+	}
+	if s.rerr != nil {
+		return 0, nil, s.rerr
+	}
+	return 0, nil, ctx.Err()
+}
+
+// recvBuf holds received bytes in pooled chunks, so an idle stream holds no
+// buffer and a busy one holds only what the peer sent ahead of the reader.
+type recvBuf struct {
+	chunks [][]byte // each a pooled chunk; chunks[0][off:] is unread
+	off    int
+	n      int
+}
+
+const chunkSize = 32 << 10
+
+var chunkPool = sync.Pool{New: func() any { b := make([]byte, 0, chunkSize); return &b }}
+
+func (b *recvBuf) len() int { return b.n }
+
+func (b *recvBuf) write(p []byte) {
+	b.n += len(p)
+	for len(p) > 0 {
+		if k := len(b.chunks); k > 0 {
+			last := b.chunks[k-1]
+			if free := cap(last) - len(last); free > 0 {
+				m := min(free, len(p))
+				b.chunks[k-1] = append(last, p[:m]...)
+				p = p[m:]
+				continue
+			}
+		}
+		b.chunks = append(b.chunks, (*chunkPool.Get().(*[]byte))[:0])
+	}
+}
+
+func (b *recvBuf) read(p []byte) int {
+	total := 0
+	for len(p) > 0 && len(b.chunks) > 0 {
+		first := b.chunks[0]
+		m := copy(p, first[b.off:])
+		p = p[m:]
+		b.off += m
+		total += m
+		if b.off == len(first) {
+			b.release(first)
+			b.chunks[0] = nil
+			b.chunks = b.chunks[1:]
+			b.off = 0
+		}
+	}
+	if len(b.chunks) == 0 {
+		b.chunks = nil
+	}
+	b.n -= total
+	return total
+}
+
+func (b *recvBuf) reset() {
+	for _, c := range b.chunks {
+		b.release(c)
+	}
+	*b = recvBuf{}
+}
+
+func (b *recvBuf) release(c []byte) {
+	c = c[:0]
+	chunkPool.Put(&c)
+}
