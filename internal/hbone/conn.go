@@ -43,14 +43,15 @@ type conn struct {
 	onClose func(*conn)
 
 	fr *http2.Framer // read side; only readLoop uses it
-	bw *bufio.Writer // write side; only writeLoop uses it
+	bw      *bufio.Writer // write side; only writeLoop uses it
+	dataHdr [9]byte       // writeLoop's scratch for DATA frame headers
 	wf *http2.Framer // write side framer over bw
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
-	done      chan struct{}
-	writeDone chan struct{}
-	wg        sync.WaitGroup
+	done        chan struct{}
+	writeDone   chan struct{}
+	wg          sync.WaitGroup
 
 	mu      sync.Mutex
 	wcond   sync.Cond // writeLoop waits on it for frames
@@ -250,15 +251,16 @@ func (c *conn) writeFrame(f *outFrame) error {
 	case kindData:
 		// Written by hand so the payload goes from the caller's buffer to
 		// the bufio.Writer without the Framer's intermediate copy.
-		var hdr [9]byte
+		hdr := c.dataHdr[:]
 		n := len(f.data)
 		hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
 		hdr[3] = byte(http2.FrameData)
+		hdr[4] = 0 // the scratch is reused: every byte is set each time
 		if f.end {
 			hdr[4] = byte(http2.FlagDataEndStream)
 		}
 		binary.BigEndian.PutUint32(hdr[5:], f.streamID)
-		if _, err := c.bw.Write(hdr[:]); err != nil {
+		if _, err := c.bw.Write(hdr); err != nil {
 			return err
 		}
 		_, err := c.bw.Write(f.data)
@@ -325,7 +327,9 @@ type connError struct {
 	msg  string
 }
 
-func (e connError) Error() string { return fmt.Sprintf("hbone: peer protocol error (%v): %s", e.code, e.msg) }
+func (e connError) Error() string {
+	return fmt.Sprintf("hbone: peer protocol error (%v): %s", e.code, e.msg)
+}
 
 // readLoop reads every frame and applies it. It never blocks on anything
 // but the socket.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
+	"golang.org/x/net/http2"
 )
 
 func TestRoundTrip(t *testing.T) {
@@ -643,5 +644,38 @@ func TestRenewalDuringLiveStreams(t *testing.T) {
 	defer st2.Close()
 	if err := transfer(t, st2, 1000); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A handler that answers, half-closes and returns while the client has not
+// finished sending resets the stream; the client must still read every byte
+// and a clean EOF, as with a TCP server that closes after replying.
+func TestEndStreamThenResetReadsAsEOF(t *testing.T) {
+	ca := newCA(t)
+	m := newManager(t, ca, 0)
+	reply := bytes.Repeat([]byte("reply "), 100000)
+	h := HandlerFunc(func(ctx context.Context, r *ServerRequest) {
+		st, err := r.Accept(nil)
+		if err != nil {
+			return
+		}
+		st.Write(reply)
+		st.CloseWrite()
+	})
+	srv := startServer(t, m, serverID, h, Config{})
+	d := newDialer(t, m, Config{})
+	st, err := d.Dial(ctxT(t), request(srv.addr, netip.MustParseAddrPort("127.0.0.1:9")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	time.Sleep(100 * time.Millisecond) // let END_STREAM and the RST both arrive
+	got, err := io.ReadAll(st)
+	if err != nil || !bytes.Equal(got, reply) {
+		t.Fatalf("read %d bytes, err %v; want %d bytes and EOF", len(got), err, len(reply))
+	}
+	var re *ResetError
+	if _, err := st.Write([]byte("x")); !errors.As(err, &re) || re.Code != http2.ErrCodeCancel || !re.Remote {
+		t.Fatalf("write after the server closed: %v, want a remote CANCEL reset", err)
 	}
 }

@@ -97,11 +97,13 @@ func (s *Stream) Read(p []byte) (int, error) {
 			s.creditLocked(int64(n))
 			return n, nil
 		}
+		if s.reof {
+			// Everything the peer sent has arrived; a reset after its
+			// END_STREAM only says it wants no more from us.
+			return 0, io.EOF
+		}
 		if s.rerr != nil {
 			return 0, s.rerr
-		}
-		if s.reof {
-			return 0, io.EOF
 		}
 		if expired(s.rdeadline) {
 			return 0, os.ErrDeadlineExceeded
@@ -307,7 +309,7 @@ func (s *Stream) waitResponse(ctx context.Context) (int, http.Header, error) {
 // recvBuf holds received bytes in pooled chunks, so an idle stream holds no
 // buffer and a busy one holds only what the peer sent ahead of the reader.
 type recvBuf struct {
-	chunks [][]byte // each a pooled chunk; chunks[0][off:] is unread
+	chunks []*[]byte // pooled chunks; (*chunks[0])[off:] is unread
 	off    int
 	n      int
 }
@@ -323,14 +325,16 @@ func (b *recvBuf) write(p []byte) {
 	for len(p) > 0 {
 		if k := len(b.chunks); k > 0 {
 			last := b.chunks[k-1]
-			if free := cap(last) - len(last); free > 0 {
+			if free := cap(*last) - len(*last); free > 0 {
 				m := min(free, len(p))
-				b.chunks[k-1] = append(last, p[:m]...)
+				*last = append(*last, p[:m]...)
 				p = p[m:]
 				continue
 			}
 		}
-		b.chunks = append(b.chunks, (*chunkPool.Get().(*[]byte))[:0])
+		c := chunkPool.Get().(*[]byte)
+		*c = (*c)[:0]
+		b.chunks = append(b.chunks, c)
 	}
 }
 
@@ -338,19 +342,19 @@ func (b *recvBuf) read(p []byte) int {
 	total := 0
 	for len(p) > 0 && len(b.chunks) > 0 {
 		first := b.chunks[0]
-		m := copy(p, first[b.off:])
+		m := copy(p, (*first)[b.off:])
 		p = p[m:]
 		b.off += m
 		total += m
-		if b.off == len(first) {
-			b.release(first)
-			b.chunks[0] = nil
-			b.chunks = b.chunks[1:]
+		if b.off == len(*first) {
+			chunkPool.Put(first)
+			// Shift rather than reslice, so the slice's array is reused
+			// instead of creeping forward and reallocating.
+			k := copy(b.chunks, b.chunks[1:])
+			b.chunks[k] = nil
+			b.chunks = b.chunks[:k]
 			b.off = 0
 		}
-	}
-	if len(b.chunks) == 0 {
-		b.chunks = nil
 	}
 	b.n -= total
 	return total
@@ -358,12 +362,7 @@ func (b *recvBuf) read(p []byte) int {
 
 func (b *recvBuf) reset() {
 	for _, c := range b.chunks {
-		b.release(c)
+		chunkPool.Put(c)
 	}
 	*b = recvBuf{}
-}
-
-func (b *recvBuf) release(c []byte) {
-	c = c[:0]
-	chunkPool.Put(&c)
 }

@@ -1,0 +1,33 @@
+// Command ambit is the Ambit node proxy and its tools. It only parses flags
+// and wires packages together; the work happens in internal/.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newRoot().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "ambit:", err)
+		os.Exit(1)
+	}
+}
+
+func newRoot() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "ambit",
+		Short:         "Ambit: an ambient-mesh node proxy in Go (HBONE, SPIFFE identities, L4 policy)",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newVersionCmd(), newCACmd(), newDemoCmd())
+	return root
+}

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ambitmesh/ambit/internal/identity"
+)
+
+func run(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	root := newRoot()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs(args)
+	err := root.Execute()
+	return out.String(), err
+}
+
+func TestVersion(t *testing.T) {
+	out, err := run(t, "version")
+	if err != nil || !strings.HasPrefix(out, "ambit dev (go1.") {
+		t.Fatalf("version: %q, %v", out, err)
+	}
+}
+
+func TestCAInitAndIssue(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	if _, err := run(t, "ca", "init", "--dir", dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, "ca", "init", "--dir", dir); err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("second init: %v", err)
+	}
+	out := filepath.Join(t.TempDir(), "client")
+	if _, err := run(t, "ca", "issue", "--dir", dir, "--id", "spiffe://cluster.local/ns/default/sa/client", "--out", out, "--ttl", "1h"); err != nil {
+		t.Fatal(err)
+	}
+	chainPEM, _ := os.ReadFile(filepath.Join(out, "cert-chain.pem"))
+	keyPEM, _ := os.ReadFile(filepath.Join(out, "key.pem"))
+	rootPEM, _ := os.ReadFile(filepath.Join(out, "root-cert.pem"))
+	chain, err := identity.ParseCertificates(chainPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := identity.ParsePrivateKey(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := identity.ParseCertificates(rootPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
+	c, err := identity.NewCertificate(id, chain, key, roots)
+	if err != nil {
+		t.Fatalf("issued files do not fit together: %v", err)
+	}
+	if _, err := identity.VerifyChain(c.Chain, c.RootPool(), c.Leaf().NotBefore.Add(2*60e9)); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(filepath.Join(out, "key.pem")); st.Mode().Perm() != 0o600 {
+		t.Errorf("key.pem mode %v", st.Mode().Perm())
+	}
+	for _, bad := range [][]string{
+		{"ca", "issue", "--dir", dir, "--id", "spiffe://cluster.local/ns/default", "--out", out},
+		{"ca", "issue", "--dir", t.TempDir(), "--id", "spiffe://cluster.local/ns/a/sa/b", "--out", out},
+		{"ca", "issue", "--dir", dir},
+	} {
+		if _, err := run(t, bad...); err == nil {
+			t.Errorf("%v succeeded", bad)
+		}
+	}
+}
