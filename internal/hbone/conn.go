@@ -42,10 +42,10 @@ type conn struct {
 	onIdle  func(*conn)
 	onClose func(*conn)
 
-	fr *http2.Framer // read side; only readLoop uses it
+	fr      *http2.Framer // read side; only readLoop uses it
 	bw      *bufio.Writer // write side; only writeLoop uses it
 	dataHdr [9]byte       // writeLoop's scratch for DATA frame headers
-	wf *http2.Framer // write side framer over bw
+	wf      *http2.Framer // write side framer over bw
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
