@@ -88,6 +88,9 @@ func (d *Dialer) init() {
 // for the CONNECT answer. A non-200 answer is a *StatusError.
 func (d *Dialer) Dial(ctx context.Context, req Request) (*Stream, error) {
 	d.init()
+	if d.Certs == nil {
+		return nil, errors.New("hbone dial: Dialer has no Certs")
+	}
 	if err := req.validate(); err != nil {
 		return nil, err
 	}

@@ -227,15 +227,17 @@ func (c *conn) writeLoop() {
 			if werr == nil {
 				werr = c.writeFrame(&q[i])
 			}
-		}
-		if werr == nil {
-			werr = c.bw.Flush()
-		}
-		for i := range q {
+			// The bytes are in the write buffer (or on the wire): release
+			// the writer now, so it reads its next chunk while this one is
+			// encrypted and sent. A later failure reaches it on its next
+			// Write, as with a TCP socket's send buffer.
 			if q[i].done != nil {
 				q[i].done <- werr
 			}
 			q[i] = outFrame{}
+		}
+		if werr == nil {
+			werr = c.bw.Flush()
 		}
 		c.mu.Lock()
 		c.wspare = q[:0]

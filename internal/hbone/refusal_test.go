@@ -240,3 +240,29 @@ func TestForeignClientConnect(t *testing.T) {
 		t.Fatalf("echo %q, %v", b, err)
 	}
 }
+
+func TestMisconfiguredIsAnErrorNotAPanic(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := (&Server{}).Serve(l); err == nil || !strings.Contains(err.Error(), "GetCertificate") {
+		t.Errorf("Serve without certificates: %v", err)
+	}
+	if _, err := (&Dialer{}).Dial(context.Background(), Request{}); err == nil || !strings.Contains(err.Error(), "Certs") {
+		t.Errorf("Dial without certificates: %v", err)
+	}
+	d := &Dialer{Certs: staticCerts{}}
+	for name, req := range map[string]Request{
+		"no source":    {Expected: []identity.ID{serverID}},
+		"no expected":  {Source: clientID},
+		"no address":   {Source: clientID, Expected: []identity.ID{serverID}},
+		"no authority": {Source: clientID, Expected: []identity.ID{serverID}, Address: netip.MustParseAddrPort("127.0.0.1:15008")},
+	} {
+		if _, err := d.Dial(context.Background(), req); err == nil {
+			t.Errorf("%s: dial succeeded", name)
+		}
+	}
+	d.Close()
+}

@@ -104,6 +104,9 @@ func (s *Server) init() {
 // Serve accepts connections on l until Shutdown or Close.
 func (s *Server) Serve(l net.Listener) error {
 	s.init()
+	if s.GetCertificate == nil || s.Handler == nil {
+		return errors.New("hbone: Server needs GetCertificate and Handler")
+	}
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()

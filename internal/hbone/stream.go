@@ -73,7 +73,11 @@ func (i Info) TLSVersionName() string  { return tls.VersionName(i.TLSVersion) }
 func (i Info) CipherSuiteName() string { return tls.CipherSuiteName(i.CipherSuite) }
 
 // Info returns what is known about the stream's tunnel.
-func (s *Stream) Info() Info { return s.info }
+func (s *Stream) Info() Info {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.info
+}
 
 // ID is the HTTP/2 stream id.
 func (s *Stream) ID() uint32 { return s.id }
