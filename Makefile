@@ -27,9 +27,10 @@ build:
 demo: build
 	./bin/ambit demo
 
-# Everything CI checks: format and vet, unit and integration tests under the
-# race detector, each fuzz target briefly, and one pass of every benchmark.
-test: deps lint unit fuzz-smoke bench-smoke
+# Everything CI checks: format and vet, each fuzz target briefly, one pass of
+# every benchmark, and last (so its summary closes the log) the unit and
+# integration tests under the race detector.
+test: deps lint fuzz-smoke bench-smoke unit
 
 unit:
 	$(GO) test -race -count=1 ./...

@@ -128,7 +128,27 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	hboneAddr := netip.MustParseAddrPort(hl.Addr().String())
 	p("hbone", "server listening on %s as %s", hboneAddr, serverID)
 
-	// 4. The client dials through the tunnel.
+	// 4. The client side: an app connects to the client's proxy listener
+	// (standing in for capture, which comes with the lab), and the proxy
+	// carries the connection through the tunnel.
+	pl, err := listen(opt.ClientIP, 15001)
+	if err != nil {
+		return err
+	}
+	defer pl.Close()
+	msg := []byte("GET / HTTP/1.1\r\nHost: 10.244.1.3\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\n\r\n")
+	appDone := make(chan appResult, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		appDone <- runClientApp(ctx, opt.ClientIP, pl.Addr().String(), msg)
+	}()
+	down, err := pl.Accept()
+	if err != nil {
+		return err
+	}
+	defer down.Close()
+	clientAddr := netip.MustParseAddrPort(down.RemoteAddr().String())
 	d := &hbone.Dialer{Certs: certs}
 	defer d.Close()
 	req := hbone.Request{
@@ -138,11 +158,12 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 		SourceAddr: opt.ClientIP,
 		Authority:  appAddr,
 		Header: http.Header{
-			"Forwarded": {hbone.Forwarded{For: netip.AddrPortFrom(opt.ClientIP, 35888).String()}.String()},
+			"Forwarded": {hbone.Forwarded{For: clientAddr.String()}.String()},
 			"Baggage":   {hbone.Baggage{{Key: "k8s.namespace.name", Value: "default"}, {Key: "service.name", Value: "client"}}.String()},
 		},
 	}
 	fmt.Fprintln(w)
+	p("app", "client app %s connected to the client-side proxy at %s (capture stands in)", clientAddr, pl.Addr())
 	p("dial", "%s -> %s, CONNECT %s", opt.ClientIP, hboneAddr, appAddr)
 	st, err := d.Dial(ctx, req)
 	if err != nil {
@@ -163,23 +184,16 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	}
 	drain()
 	p("stream", "CONNECT answered %d on stream %d", info.Status, info.StreamID)
-
-	msg := []byte("GET / HTTP/1.1\r\nHost: 10.244.1.3\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\n\r\n")
-	if _, err := st.Write(msg); err != nil {
-		return err
-	}
-	if err := st.CloseWrite(); err != nil {
-		return err
-	}
-	back, err := io.ReadAll(st)
+	relay(st, down.(*net.TCPConn))
 	st.Close()
-	if err != nil {
-		return fmt.Errorf("read echo: %w", err)
+	res := <-appDone
+	if res.err != nil {
+		return fmt.Errorf("client app: %w", res.err)
 	}
-	if !bytes.Equal(back, msg) {
-		return fmt.Errorf("echo mismatch: sent %d bytes, got %d", len(msg), len(back))
+	if !bytes.Equal(res.back, msg) {
+		return fmt.Errorf("echo mismatch: sent %d bytes, got %d", len(msg), len(res.back))
 	}
-	p("bytes", "sent %d, received %d back, byte-exact; half-closed each way (END_STREAM)", len(msg), len(back))
+	p("bytes", "the app sent %d, received %d back, byte-exact; each side half-closed (END_STREAM)", len(msg), len(res.back))
 
 	// 5. A second stream rides the pooled connection.
 	st2, err := d.Dial(ctx, req)
@@ -205,6 +219,29 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "ok: identities issued, tunnel verified both ways, bytes echoed.")
 	return nil
+}
+
+type appResult struct {
+	back []byte
+	err  error
+}
+
+// runClientApp is the client workload: it connects from ip, sends msg,
+// half-closes and reads the answer to the end.
+func runClientApp(ctx context.Context, ip netip.Addr, to string, msg []byte) (r appResult) {
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, 0))}
+	c, err := d.DialContext(ctx, "tcp", to)
+	if err != nil {
+		r.err = err
+		return r
+	}
+	defer c.Close()
+	if _, r.err = c.Write(msg); r.err != nil {
+		return r
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+	r.back, r.err = io.ReadAll(c)
+	return r
 }
 
 // listen binds ip:port, or ip:0 if that port is taken.
