@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/relay"
 )
 
 // Options tune the demo; the zero value is the default run.
@@ -119,7 +120,7 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 				return
 			}
 			events <- fmt.Sprintf("upstream %s connected; answered 200", r.Authority)
-			relay(st, up.(*net.TCPConn))
+			relay.Bidirectional(st, up.(*net.TCPConn))
 		}),
 	}
 	wg.Add(1)
@@ -184,7 +185,7 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	}
 	drain()
 	p("stream", "CONNECT answered %d on stream %d", info.Status, info.StreamID)
-	relay(st, down.(*net.TCPConn))
+	relay.Bidirectional(down.(*net.TCPConn), st)
 	st.Close()
 	res := <-appDone
 	if res.err != nil {
@@ -269,18 +270,4 @@ func serveEcho(l net.Listener) {
 			_ = c.(*net.TCPConn).CloseWrite()
 		}()
 	}
-}
-
-// relay copies both ways, passing each half-close on.
-func relay(st *hbone.Stream, up *net.TCPConn) {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_, _ = io.Copy(up, st)
-		_ = up.CloseWrite()
-	}()
-	_, _ = io.Copy(st, up)
-	_ = st.CloseWrite()
-	wg.Wait()
 }

@@ -95,32 +95,10 @@ func clientBench(rw halfCloser, dir byte, n int64) error {
 	return nil
 }
 
-// listenBench accepts connections on loopback and serves the protocol on
-// each, after wrap (e.g. a TLS handshake).
+// listenBench serves the protocol on each loopback connection, after wrap
+// (e.g. a TLS handshake).
 func listenBench(b *testing.B, wrap func(net.Conn) halfCloser) netip.AddrPort {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				serveBench(wrap(c))
-			}()
-		}
-	}()
-	return netip.MustParseAddrPort(l.Addr().String())
+	return serveTCP(b, func(c net.Conn) { serveBench(wrap(c)) })
 }
 
 type benchEnv struct {

@@ -532,13 +532,18 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		s.rbuf.write(data)
 	}
 	if f.StreamEnded() {
-		s.reof = true
-		if s.wEOF {
-			c.removeLocked(s)
-		}
+		c.remoteEndedLocked(s)
 	}
 	s.cond.Broadcast()
 	return nil
+}
+
+// remoteEndedLocked records the peer's END_STREAM; a stream ended both ways is done.
+func (c *conn) remoteEndedLocked(s *Stream) {
+	s.reof = true
+	if s.wEOF {
+		c.removeLocked(s)
+	}
 }
 
 // knownStreamLocked reports whether id names a stream that was opened at
@@ -576,10 +581,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 			return nil
 		}
 		if f.StreamEnded() {
-			s.reof = true
-			if s.wEOF {
-				c.removeLocked(s)
-			}
+			c.remoteEndedLocked(s)
 		}
 		s.cond.Broadcast()
 		return nil

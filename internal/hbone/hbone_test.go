@@ -29,7 +29,7 @@ func TestRoundTrip(t *testing.T) {
 	var got atomic.Pointer[ServerRequest]
 	h := HandlerFunc(func(ctx context.Context, r *ServerRequest) {
 		got.Store(r)
-		relay().ServeHBONE(ctx, r)
+		relayHandler().ServeHBONE(ctx, r)
 	})
 	srv := startServer(t, m, serverID, h, Config{})
 	echo := echoServer(t)
@@ -118,7 +118,7 @@ func transfer(t testing.TB, st *Stream, n int) error {
 func TestConcurrentStreamsShareOneConnection(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 
@@ -160,7 +160,7 @@ func TestConcurrentStreamsShareOneConnection(t *testing.T) {
 func TestPoolReuseAndKeys(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 	ctx := ctxT(t)
@@ -205,7 +205,7 @@ func TestPoolReuseAndKeys(t *testing.T) {
 func TestPoolStreamLimitOpensNewConnection(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{MaxStreams: 2})
 	var held []*Stream
@@ -230,7 +230,7 @@ func TestPoolStreamLimitOpensNewConnection(t *testing.T) {
 func TestPeerStreamLimitIsHonoured(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{MaxStreams: 3}) // server advertises 3
+	srv := startServer(t, m, serverID, relayHandler(), Config{MaxStreams: 3}) // server advertises 3
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 	st, err := d.Dial(ctxT(t), request(srv.addr, echo)) // learns the limit
@@ -256,7 +256,7 @@ func TestPeerStreamLimitIsHonoured(t *testing.T) {
 func TestOneDialPerKey(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 	var wg sync.WaitGroup
@@ -281,7 +281,7 @@ func TestOneDialPerKey(t *testing.T) {
 func TestHalfCloseBothDirections(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	d := newDialer(t, m, Config{})
 
 	// The upstream speaks first, half-closes, then keeps reading: the
@@ -331,7 +331,7 @@ func TestHalfCloseBothDirections(t *testing.T) {
 func TestLargeTransferBothDirections(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
@@ -388,7 +388,7 @@ func TestHandlerVerdicts(t *testing.T) {
 			r.Reject(http.StatusUnauthorized, "denied by policy default/deny-all")
 		case 7: // returns without an answer
 		default:
-			relay().ServeHBONE(ctx, r)
+			relayHandler().ServeHBONE(ctx, r)
 		}
 	})
 	srv := startServer(t, m, serverID, h, Config{})
@@ -433,7 +433,7 @@ func TestHandlerVerdicts(t *testing.T) {
 func TestServerShutdownDrains(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
@@ -531,7 +531,7 @@ func startFrozenProxy(t *testing.T, target netip.AddrPort) *frozenProxy {
 func TestKeepaliveClosesSilentConnection(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	proxy := startFrozenProxy(t, srv.addr)
 	d := newDialer(t, m, Config{PingInterval: 50 * time.Millisecond, PingTimeout: 300 * time.Millisecond})
@@ -559,7 +559,7 @@ func TestKeepaliveClosesSilentConnection(t *testing.T) {
 func TestIdleConnectionIsClosed(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{IdleTimeout: 150 * time.Millisecond})
 	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
@@ -597,7 +597,7 @@ func TestRenewalDuringLiveStreams(t *testing.T) {
 	m := identity.NewManager(&identity.LocalIssuer{CA: ca, TTL: 2 * time.Second}, nil)
 	m.OnRenew = func(*identity.Certificate) { renewals.Add(1) }
 	t.Cleanup(m.Close)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	d := newDialer(t, m, Config{})
 

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/relay"
 )
 
 var (
@@ -120,9 +121,9 @@ func startServer(t testing.TB, m *identity.Manager, id identity.ID, h Handler, c
 	return ts
 }
 
-// relay is what a node proxy does with an accepted tunnel: connect to the
+// relayHandler is what a node proxy does with an accepted tunnel: connect to the
 // authority over real TCP and copy both ways, passing half-closes on.
-func relay() Handler {
+func relayHandler() Handler {
 	return HandlerFunc(func(ctx context.Context, r *ServerRequest) {
 		var d net.Dialer
 		up, err := d.DialContext(ctx, "tcp", r.Authority.String())
@@ -135,30 +136,13 @@ func relay() Handler {
 		if err != nil {
 			return
 		}
-		pipe(st, up.(*net.TCPConn))
+		relay.Bidirectional(st, up.(*net.TCPConn))
 	})
 }
 
-// pipe copies both ways until both directions ended.
-func pipe(a *Stream, b *net.TCPConn) {
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		io.Copy(b, a)
-		b.CloseWrite()
-	}()
-	go func() {
-		defer wg.Done()
-		io.Copy(a, b)
-		a.CloseWrite()
-	}()
-	wg.Wait()
-}
-
-// echoServer is a TCP server that echoes until the client half-closes, then
-// half-closes itself.
-func echoServer(t testing.TB) netip.AddrPort {
+// serveTCP accepts loopback connections and runs serve on each in its own
+// goroutine, until the test ends.
+func serveTCP(t testing.TB, serve func(net.Conn)) netip.AddrPort {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -178,12 +162,20 @@ func echoServer(t testing.TB) netip.AddrPort {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
+				serve(c)
 			}()
 		}
 	}()
 	return netip.MustParseAddrPort(l.Addr().String())
+}
+
+// echoServer is a TCP server that echoes until the client half-closes, then
+// half-closes itself.
+func echoServer(t testing.TB) netip.AddrPort {
+	return serveTCP(t, func(c net.Conn) {
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
 }
 
 // newDialer returns a dialer over m, closed with the test.

@@ -41,7 +41,7 @@ func issue(t *testing.T, ca *identity.CA, id identity.ID) *identity.Certificate 
 func TestRefusals(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 
 	otherCA := newCA(t)
@@ -122,7 +122,7 @@ func TestClientRefusesExpiredServer(t *testing.T) {
 	}
 	s := &Server{
 		GetCertificate: func(context.Context, netip.Addr) (*identity.Certificate, error) { return expired, nil },
-		Handler:        relay(),
+		Handler:        relayHandler(),
 	}
 	go s.Serve(l)
 	defer s.Close()
@@ -136,7 +136,7 @@ func TestClientRefusesExpiredServer(t *testing.T) {
 func TestRefusesTLS12Client(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	cert := issue(t, ca, clientID)
 	cfg := clientTLS(cert, []identity.ID{serverID})
 	cfg.MinVersion, cfg.MaxVersion = tls.VersionTLS12, tls.VersionTLS12
@@ -150,7 +150,7 @@ func TestRefusesTLS12Client(t *testing.T) {
 func TestRefusesPlaintextHTTP2(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	c, err := net.Dial("tcp", srv.addr.String())
 	if err != nil {
 		t.Fatal(err)
@@ -186,7 +186,7 @@ func h2Client(t *testing.T, ca *identity.CA, srv netip.AddrPort) *http.Client {
 func TestRefusesNonConnectAndBadAuthority(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	client := h2Client(t, ca, srv.addr)
 
 	resp, err := client.Get("https://" + srv.addr.String() + "/")
@@ -218,7 +218,7 @@ func TestRefusesNonConnectAndBadAuthority(t *testing.T) {
 func TestForeignClientConnect(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relay(), Config{})
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
 	echo := echoServer(t)
 	client := h2Client(t, ca, srv.addr)
 	pr, pw := io.Pipe()
