@@ -266,3 +266,46 @@ func TestMisconfiguredIsAnErrorNotAPanic(t *testing.T) {
 	}
 	d.Close()
 }
+
+// Root rotation: while the mesh moves from one root to another, each side's
+// trust bundle holds both; a workload on the old root and one on the new
+// talk, and a client whose bundle lacks the new root refuses the server.
+func TestTrustBundleWithTwoRoots(t *testing.T) {
+	oldCA, newCA := newCA(t), newCA(t)
+	both := append(append([]*x509.Certificate{}, oldCA.Roots()...), newCA.Roots()...)
+	rebundle := func(c *identity.Certificate, roots []*x509.Certificate) *identity.Certificate {
+		out, err := identity.NewCertificate(c.ID, c.Chain, c.Key, roots)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	srvCert := rebundle(issue(t, newCA, serverID), both)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{
+		GetCertificate: func(context.Context, netip.Addr) (*identity.Certificate, error) { return srvCert, nil },
+		Handler:        relayHandler(),
+	}
+	go s.Serve(l)
+	defer s.Close()
+	addr := netip.MustParseAddrPort(l.Addr().String())
+	echo := echoServer(t)
+
+	d := newDialer(t, staticCerts{clientID: rebundle(issue(t, oldCA, clientID), both)}, Config{})
+	st, err := d.Dial(ctxT(t), request(addr, echo))
+	if err != nil {
+		t.Fatalf("old-root client to new-root server with both roots trusted: %v", err)
+	}
+	if err := transfer(t, st, 1000); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	stale := newDialer(t, staticCerts{clientID: issue(t, oldCA, clientID)}, Config{})
+	if _, err := stale.Dial(ctxT(t), request(addr, echo)); err == nil || !strings.Contains(err.Error(), "unknown authority") {
+		t.Fatalf("client without the new root: %v, want unknown authority", err)
+	}
+}

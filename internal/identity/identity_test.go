@@ -500,3 +500,23 @@ func TestManagerRejectsWrongOrExpiredCertificate(t *testing.T) {
 		t.Fatalf("Get with an issuer of expired certificates: %v", err)
 	}
 }
+
+// root-cert.pem may hold several roots (a rotation in progress): all load.
+func TestLoadBundleWithSeveralRoots(t *testing.T) {
+	_, dir := newTestCA(t)
+	_, other := newTestCA(t)
+	a, _ := os.ReadFile(filepath.Join(dir, RootCertFile))
+	b, _ := os.ReadFile(filepath.Join(other, RootCertFile))
+	os.WriteFile(filepath.Join(dir, RootCertFile), append(a, b...), 0o644)
+	ca, err := LoadCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ca.Roots()) != 2 {
+		t.Fatalf("%d roots loaded, want 2", len(ca.Roots()))
+	}
+	cert, err := (&LocalIssuer{CA: ca}).Issue(context.Background(), ID{"cluster.local", "a", "b"})
+	if err != nil || len(cert.Roots) != 2 {
+		t.Fatalf("issued with %d roots, %v", len(cert.Roots), err)
+	}
+}
