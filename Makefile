@@ -15,7 +15,8 @@ FUZZ_TARGETS := \
 	./internal/hbone:FuzzParseForwarded \
 	./internal/hbone:FuzzParseBaggage \
 	./internal/hbone:FuzzParseTraceparent \
-	./internal/hbone:FuzzServerFrames
+	./internal/hbone:FuzzServerFrames \
+	./internal/config:FuzzParse
 
 .PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke lint deps clean
 

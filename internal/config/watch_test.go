@@ -1,0 +1,85 @@
+package config
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/workload"
+)
+
+func TestWatcherAppliesGoodAndKeepsLastGood(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mesh.yaml")
+	write := func(s string) {
+		t.Helper()
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil { // as editors and ConfigMaps do
+			t.Fatal(err)
+		}
+	}
+	one := "workloads:\n- {name: a, namespace: d, workloadIps: [\"10.0.0.1\"]}\n"
+	two := one + "- {name: b, namespace: d, workloadIps: [\"10.0.0.2\"]}\n"
+	write(one)
+	applied := make(chan *workload.Index, 10)
+	rejected := make(chan error, 10)
+	w := &Watcher{Path: path, Interval: 20 * time.Millisecond,
+		Apply: func(ix *workload.Index) { applied <- ix }, OnError: func(err error) { rejected <- err }}
+	if err := w.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if ix := <-applied; len(ix.Workloads()) != 1 {
+		t.Fatal("initial load")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	write(two)
+	select {
+	case ix := <-applied:
+		if len(ix.Workloads()) != 2 {
+			t.Fatalf("applied %d workloads, want 2", len(ix.Workloads()))
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("a good change was not applied")
+	}
+	write(strings.Replace(two, "name: b,", "name: b, colour: blue,", 1))
+	select {
+	case err := <-rejected:
+		if !strings.Contains(err.Error(), "mesh.yaml:3:") || !strings.Contains(err.Error(), "colour: unknown field") {
+			t.Errorf("rejection: %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("a bad change was not reported")
+	}
+	select {
+	case <-applied:
+		t.Fatal("a bad change was applied")
+	case <-time.After(100 * time.Millisecond):
+	}
+	write(one)
+	select {
+	case ix := <-applied:
+		if len(ix.Workloads()) != 1 {
+			t.Fatal("the fix was not applied")
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the fix was not applied")
+	}
+}
+
+func TestLoadRefusesBadFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mesh.yaml")
+	os.WriteFile(path, []byte("workloads: 3\n"), 0o644)
+	w := &Watcher{Path: path, Apply: func(*workload.Index) { t.Fatal("applied a bad file") }}
+	if err := w.Load(); err == nil || !strings.Contains(err.Error(), "mesh.yaml:1:12: workloads: want a list") {
+		t.Fatalf("Load: %v", err)
+	}
+}
