@@ -16,7 +16,8 @@ FUZZ_TARGETS := \
 	./internal/hbone:FuzzParseBaggage \
 	./internal/hbone:FuzzParseTraceparent \
 	./internal/hbone:FuzzServerFrames \
-	./internal/config:FuzzParse
+	./internal/config:FuzzParse \
+	./internal/socks5:FuzzHandshake
 
 .PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke lint deps clean
 
