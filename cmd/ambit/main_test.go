@@ -76,3 +76,31 @@ func TestCAInitAndIssue(t *testing.T) {
 		}
 	}
 }
+
+// The proxy does not start on a bad config, and says where the problem is.
+func TestProxyRefusesBadConfig(t *testing.T) {
+	ca := filepath.Join(t.TempDir(), "ca")
+	if _, err := run(t, "ca", "init", "--dir", ca); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(t.TempDir(), "mesh.yaml")
+	os.WriteFile(cfg, []byte("workloads:\n- name: a\n  namespace: default\n  workloadIps: [\"10.0.0.300\"]\n"), 0o644)
+	_, err := run(t, "proxy", "--config", cfg, "--ca-dir", ca, "--workload", "default/a")
+	if err == nil || !strings.Contains(err.Error(), "mesh.yaml:4:17: workloads[0].workloadIps[0]: \"10.0.0.300\" is not an IP address") {
+		t.Fatalf("bad config: %v", err)
+	}
+	os.WriteFile(cfg, []byte("workloads:\n- {name: a, namespace: default, workloadIps: [\"127.0.0.1\"]}\n"), 0o644)
+	if _, err := run(t, "proxy", "--config", cfg, "--ca-dir", ca, "--workload", "default/b"); err == nil || !strings.Contains(err.Error(), "workload default/b is not in the config") {
+		t.Fatalf("unknown workload: %v", err)
+	}
+	for _, args := range [][]string{
+		{"proxy", "--config", cfg, "--ca-dir", ca},
+		{"proxy", "--config", cfg, "--ca-dir", ca, "--workload", "default/a", "--node", "n"},
+		{"proxy", "--config", cfg, "--ca-dir", ca, "--workload", "default/a", "--log-format", "xml"},
+		{"proxy", "--config", cfg, "--ca-dir", t.TempDir(), "--workload", "default/a"},
+	} {
+		if _, err := run(t, args...); err == nil {
+			t.Errorf("%v started", args)
+		}
+	}
+}

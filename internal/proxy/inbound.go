@@ -1,0 +1,199 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/hbone"
+	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/telemetry"
+	"github.com/ambitmesh/ambit/internal/workload"
+)
+
+// inboundReq is one connection arriving for a local workload, over HBONE
+// or in plaintext.
+type inboundReq struct {
+	src       netip.AddrPort // the client (its pod IP)
+	peer      identity.ID    // zero in plaintext
+	target    netip.AddrPort // the local workload's ip:port
+	hboneAddr netip.AddrPort // where the tunnel arrived, if any
+	accept    func() (upstream, error)
+	reject    func(status int, reason string)
+}
+
+// serveHBONE is the 15008 handler.
+func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.ServerRequest) {
+	src := netip.AddrPortFrom(r.RemoteAddr.Addr(), r.RemoteAddr.Port())
+	if f, err := hbone.ForwardedFor(r.Header.Get("forwarded")); err == nil && f.Addr() == src.Addr() {
+		src = f // the client's own port, when the tunnel came from its IP
+	}
+	ix := p.index.Load()
+	if r.LocalAddr.Addr() != r.Authority.Addr() && p.workloadAt(ix, r.LocalAddr.Addr()) != nil {
+		_ = r.Reject(http.StatusBadRequest, fmt.Sprintf("authority %s is not the address the tunnel was opened to (%s)", r.Authority, r.LocalAddr.Addr()))
+		return
+	}
+	p.inbound(ctx, inboundReq{
+		src: src, peer: r.Peer, target: r.Authority, hboneAddr: r.LocalAddr,
+		accept: func() (upstream, error) { return r.Accept(nil) },
+		reject: func(status int, reason string) { _ = r.Reject(status, reason) },
+	})
+}
+
+// servePlaintextInbound is the 15006 listener: clients outside the mesh,
+// redirected; policy runs with no identity.
+func (p *Proxy) servePlaintextInbound(l net.Listener) {
+	p.acceptLoop(l, func(down *net.TCPConn) {
+		dst, err := originalDst(down)
+		if err != nil {
+			p.log.Warn("inbound: no original destination", "peer", down.RemoteAddr().String(), "err", err)
+			return
+		}
+		if p.isSelfPort(dst.Port()) {
+			p.log.Warn("inbound: connection to the proxy's own port refused", "peer", down.RemoteAddr().String(), "dst", dst.String())
+			return
+		}
+		src := netip.MustParseAddrPort(down.RemoteAddr().String())
+		p.inbound(context.Background(), inboundReq{
+			src: netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), target: dst,
+			accept: func() (upstream, error) { return down, nil },
+			reject: func(int, string) { _ = down.SetLinger(0) }, // close with RST
+		})
+	})
+}
+
+// inbound checks the destination and policy, connects to the application
+// and relays until both sides end (or a policy change closes it).
+func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
+	ix := p.index.Load()
+	tc := &telemetry.Conn{Direction: "inbound", Src: in.src, SrcIdentity: in.peer, Dst: in.target,
+		DstHBONE: in.hboneAddr, MTLS: !in.peer.IsZero(), Start: time.Now()}
+	tc.SrcWorkload = ix.WorkloadByAddr(p.network(), in.src.Addr())
+	fail := func(status int, flag string, err error) {
+		in.reject(status, err.Error())
+		p.opts.Metrics.Failed(tc, flag)
+		telemetry.LogConn(p.alog, tc, 0, 0, flag, err)
+	}
+	dst := p.workloadAt(ix, in.target.Addr())
+	if dst == nil || !p.isLocal(dst) {
+		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("no local workload at %s", in.target.Addr()))
+		return
+	}
+	tc.DstWorkload, tc.DstIdentity = dst, dst.Identity()
+	ac := authz.Conn{Source: in.src, Destination: in.target, SourceID: in.peer}
+	d := authz.Evaluate(ix.PoliciesFor(dst), ac)
+	if len(d.DryRun) > 0 {
+		p.log.Info("dry-run policy matched", "policies", d.DryRun, "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String())
+	}
+	if !d.Allow {
+		fail(http.StatusUnauthorized, telemetry.FlagDeny, fmt.Errorf("denied: %s", d.Reason))
+		return
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	up, err := p.dialApp(dctx, in.src.Addr(), in.target)
+	cancel()
+	if err != nil {
+		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
+		return
+	}
+	defer up.Close()
+	down, err := in.accept()
+	if err != nil {
+		p.opts.Metrics.Failed(tc, telemetry.FlagConnect)
+		telemetry.LogConn(p.alog, tc, 0, 0, telemetry.FlagConnect, err)
+		return
+	}
+	var lateMu sync.Mutex
+	var late string
+	lc := &liveConn{dstUID: dst.UID, authz: ac, close: func(reason string) {
+		lateMu.Lock()
+		late = reason
+		lateMu.Unlock()
+		down.Close()
+		up.Close()
+	}}
+	p.track(lc)
+	p.opts.Metrics.Opened(tc)
+	res := relay.Bidirectional(down, up)
+	p.untrack(lc)
+	// Bytes "sent" are those toward the destination application.
+	flag, rerr := telemetry.FlagNone, relayErr(res)
+	lateMu.Lock()
+	if late != "" {
+		flag, rerr = telemetry.FlagPolicyClose, errors.New(late)
+	}
+	lateMu.Unlock()
+	p.opts.Metrics.Closed(tc, res.AToB, res.BToA, flag)
+	telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
+}
+
+// dialApp connects to the application. In dedicated loopback mode the
+// client's IP cannot be used as the source (it is not ours and there is no
+// transparent routing), so the proxy connects from its own address and says
+// so once; capture mode connects from the client's IP.
+func (p *Proxy) dialApp(ctx context.Context, client netip.Addr, target netip.AddrPort) (*net.TCPConn, error) {
+	p.warned.Do(func() {
+		p.log.Info("connecting to applications from the proxy's own address: the client's IP is kept only with capture (transparent sockets)", "client_example", client.String())
+	})
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", target.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func (p *Proxy) track(c *liveConn) {
+	p.mu.Lock()
+	p.live[c] = struct{}{}
+	p.mu.Unlock()
+}
+
+func (p *Proxy) untrack(c *liveConn) {
+	p.mu.Lock()
+	delete(p.live, c)
+	p.mu.Unlock()
+}
+
+// recheckInbound closes live inbound connections the new index's policies
+// deny (or whose workload is gone).
+func (p *Proxy) recheckInbound(ix *workload.Index) {
+	p.mu.Lock()
+	var doomed []*liveConn
+	var reasons []string
+	for c := range p.live {
+		w := ix.WorkloadByUID(c.dstUID)
+		if w == nil {
+			doomed, reasons = append(doomed, c), append(reasons, "destination workload removed from the config")
+			continue
+		}
+		if d := authz.Evaluate(ix.PoliciesFor(w), c.authz); !d.Allow {
+			doomed, reasons = append(doomed, c), append(reasons, "closed by a policy change: "+d.Reason)
+		}
+	}
+	p.mu.Unlock()
+	for i, c := range doomed {
+		p.log.Info("closing a live connection", "src", c.authz.Source.String(), "dst", c.authz.Destination.String(), "reason", reasons[i])
+		c.close(reasons[i])
+	}
+}
+
+// closeInbound closes every live inbound connection (shutdown).
+func (p *Proxy) closeInbound(reason string) {
+	p.mu.Lock()
+	all := make([]*liveConn, 0, len(p.live))
+	for c := range p.live {
+		all = append(all, c)
+	}
+	p.mu.Unlock()
+	for _, c := range all {
+		c.close(reason)
+	}
+}

@@ -1,0 +1,510 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/config"
+	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/socks5"
+	"github.com/ambitmesh/ambit/internal/telemetry"
+	"github.com/ambitmesh/ambit/internal/workload"
+)
+
+// Each test gets its own 127.0.N.0/24 so listeners never collide:
+// client workload .10, server workload .20 (echo app on :8080), a plain
+// TCP server outside the mesh on .30.
+var subnet atomic.Int32
+
+func init() { subnet.Store(100) }
+
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
+func (l *logBuf) String() string             { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+type node struct {
+	p       *Proxy
+	log     *logBuf
+	metrics *telemetry.Metrics
+	ip      netip.Addr
+}
+
+type mesh struct {
+	t        *testing.T
+	n        int32
+	cfg      string
+	client   *node
+	server   *node
+	clientIP netip.Addr
+	serverIP netip.Addr
+	plainIP  netip.Addr
+}
+
+func (m *mesh) ip(last byte) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, byte(m.n), last}) }
+
+// baseConfig is the mesh: client and server workloads, the echo service,
+// and extra YAML (policies, more workloads) appended by the test.
+func (m *mesh) config(serverExtra, extra string) string {
+	return fmt.Sprintf(`workloads:
+- uid: test//client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["%s"]
+  protocol: HBONE
+  node: node-a
+  canonicalName: client
+  canonicalRevision: v1
+- uid: test//server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["%s"]
+  protocol: HBONE
+  node: node-b
+  canonicalName: server
+  services: {"default/echo.default.svc.cluster.local": {80: 8080}}
+%s
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.96.%d.10"]
+  ports: {80: 8080}
+%s`, m.clientIP, m.serverIP, serverExtra, m.n, extra)
+}
+
+func (m *mesh) write(doc string) {
+	m.t.Helper()
+	tmp := m.cfg + ".tmp"
+	if err := os.WriteFile(tmp, []byte(doc), 0o644); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, m.cfg); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+// newMesh starts the echo app, a plain server and the two proxies.
+func newMesh(t *testing.T, serverExtra, extra string) *mesh {
+	t.Helper()
+	m := &mesh{t: t, n: subnet.Add(1)}
+	m.clientIP, m.serverIP, m.plainIP = m.ip(10), m.ip(20), m.ip(30)
+	m.cfg = filepath.Join(t.TempDir(), "mesh.yaml")
+	m.write(m.config(serverExtra, extra))
+	echoOn(t, netip.AddrPortFrom(m.serverIP, 8080))
+	echoOn(t, netip.AddrPortFrom(m.plainIP, 9000))
+
+	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.client = m.startProxy(ca, "default/client", m.clientIP)
+	m.server = m.startProxy(ca, "default/server", m.serverIP)
+	return m
+}
+
+func (m *mesh) startProxy(ca *identity.CA, wl string, ip netip.Addr) *node {
+	t := m.t
+	lb := &logBuf{}
+	log := slog.New(slog.NewTextHandler(lb, nil))
+	certs := identity.NewManager(&identity.LocalIssuer{CA: ca}, log)
+	t.Cleanup(certs.Close)
+	n := &node{log: lb, metrics: telemetry.NewMetrics("test"), ip: ip}
+	var initial *workload.Index
+	w := &config.Watcher{Path: m.cfg, Interval: 30 * time.Millisecond, Log: log, Apply: func(ix *workload.Index) { initial = ix }}
+	if err := w.Load(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Options{Workload: wl, Certs: certs, Log: log, Metrics: n.metrics, Version: "test", LogLevel: new(slog.LevelVar)}, initial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.p = p
+	w.Apply = func(ix *workload.Index) {
+		if err := p.SetIndex(ix); err != nil {
+			t.Errorf("SetIndex: %v", err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	go func() { _ = p.Run(ctx); done <- struct{}{} }()
+	go func() { w.Run(ctx); done <- struct{}{} }()
+	t.Cleanup(func() { cancel(); <-done; <-done })
+	waitFor(t, wl+" ready", func() bool {
+		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, 15021).String() + "/healthz/ready")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return n
+}
+
+// echoOn serves TCP echo with half-close on addr until the test ends.
+func echoOn(t *testing.T, addr netip.AddrPort) {
+	l, err := net.Listen("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+}
+
+// socks connects through the client's SOCKS5 port to host:port (host an IP
+// or a name) and returns the connection and the reply code.
+func (m *mesh) socks(host string, port uint16) (*net.TCPConn, byte, error) {
+	c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, 15080).String())
+	if err != nil {
+		return nil, 0, err
+	}
+	req := []byte{5, 1, 0, 5, 1, 0}
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+		a := ip.As4()
+		req = append(append(req, 1), a[:]...)
+	} else {
+		req = append(append(req, 3, byte(len(host))), host...)
+	}
+	req = binary.BigEndian.AppendUint16(req, port)
+	if _, err := c.Write(req); err != nil {
+		c.Close()
+		return nil, 0, err
+	}
+	c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	resp := make([]byte, 2+10)
+	if _, err := io.ReadFull(c, resp); err != nil {
+		c.Close()
+		return nil, 0, fmt.Errorf("socks reply: %w", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	return c.(*net.TCPConn), resp[3], nil
+}
+
+// roundTrip sends msg, half-closes and reads everything back.
+func roundTrip(c *net.TCPConn, msg []byte) ([]byte, error) {
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(msg)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		errc <- err
+	}()
+	back, err := io.ReadAll(c)
+	if werr := <-errc; err == nil {
+		err = werr
+	}
+	return back, err
+}
+
+func (m *mesh) mustEcho(host string, port uint16) {
+	m.t.Helper()
+	c, code, err := m.socks(host, port)
+	if err != nil || code != socks5.Succeeded {
+		m.t.Fatalf("SOCKS to %s:%d: code %d, %v", host, port, code, err)
+	}
+	defer c.Close()
+	msg := []byte("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")
+	back, err := roundTrip(c, msg)
+	if err != nil || !bytes.Equal(back, msg) {
+		m.t.Fatalf("echo via %s:%d: %q, %v", host, port, back, err)
+	}
+}
+
+func get(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func TestEchoThroughTheMesh(t *testing.T) {
+	m := newMesh(t, "", "")
+	m.mustEcho(m.serverIP.String(), 8080)
+
+	// Both ends logged the connection with the right identities.
+	waitFor(t, "access logs", func() bool {
+		return strings.Contains(m.client.log.String(), "connection complete") && strings.Contains(m.server.log.String(), "connection complete")
+	})
+	cl, sl := m.client.log.String(), m.server.log.String()
+	for _, want := range []string{"direction=outbound", "src.identity=spiffe://cluster.local/ns/default/sa/client",
+		"dst.identity=spiffe://cluster.local/ns/default/sa/server", "dst.hbone_addr=" + m.serverIP.String() + ":15008", "bytes_sent=", "dst.workload=server"} {
+		if !strings.Contains(cl, want) {
+			t.Errorf("client access log lacks %q:\n%s", want, cl)
+		}
+	}
+	for _, want := range []string{"direction=inbound", "src.identity=spiffe://cluster.local/ns/default/sa/client",
+		"dst.identity=spiffe://cluster.local/ns/default/sa/server", "src.addr=" + m.clientIP.String() + ":", "dst.addr=" + m.serverIP.String() + ":8080"} {
+		if !strings.Contains(sl, want) {
+			t.Errorf("server access log lacks %q:\n%s", want, sl)
+		}
+	}
+	// Metrics at both ends.
+	cm := get(t, "http://"+m.clientIP.String()+":15020/metrics")
+	sm := get(t, "http://"+m.serverIP.String()+":15020/stats/prometheus")
+	for _, want := range []string{`istio_tcp_connections_opened_total{`, `reporter="source"`, `connection_security_policy="mutual_tls"`,
+		`destination_principal="spiffe://cluster.local/ns/default/sa/server"`, `source_canonical_service="client"`, `istio_build{component="ztunnel",tag="test"} 1`} {
+		if !strings.Contains(cm, want) {
+			t.Errorf("client metrics lack %s", want)
+		}
+	}
+	if !strings.Contains(sm, `reporter="destination"`) || !strings.Contains(sm, "istio_tcp_received_bytes_total{") {
+		t.Errorf("server metrics:\n%s", sm)
+	}
+}
+
+func TestServiceByVIPAndByName(t *testing.T) {
+	m := newMesh(t, "", "")
+	m.mustEcho(fmt.Sprintf("10.96.%d.10", m.n), 80) // VIP:80 → endpoint :8080
+	m.mustEcho("echo.default.svc.cluster.local", 80)
+	waitFor(t, "service in the access log", func() bool {
+		return strings.Contains(m.client.log.String(), "dst.service=echo.default.svc.cluster.local")
+	})
+	if c, code, err := m.socks("nope.default.svc.cluster.local", 80); err != nil || code != socks5.HostUnreachable {
+		t.Errorf("unknown name: code %d, %v", code, err)
+		if c != nil {
+			c.Close()
+		}
+	}
+}
+
+func TestPolicyAllowAndDeny(t *testing.T) {
+	allowOnly := func(principal string) string {
+		return "  authorizationPolicies: [\"default/allow\"]\npolicies:\n- name: allow\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  rules:\n  - - - principals: [!Exact \"" + principal + "\"]\n"
+	}
+	m := newMesh(t, allowOnly("cluster.local/ns/default/sa/client"), "")
+	m.mustEcho(m.serverIP.String(), 8080)
+
+	m.write(m.config(allowOnly("cluster.local/ns/default/sa/someone-else"), ""))
+	waitFor(t, "the new policy", func() bool {
+		return strings.Contains(m.server.p.Index().Policies()[0].Rules[0][0][0].Principals[0].Value, "someone-else")
+	})
+	c, code, err := m.socks(m.serverIP.String(), 8080)
+	if err != nil || code != socks5.NotAllowed {
+		t.Fatalf("denied connection: code %d, %v; want %d (not allowed)", code, err, socks5.NotAllowed)
+	}
+	c.Close()
+	waitFor(t, "the denial in the server's log", func() bool {
+		return strings.Contains(m.server.log.String(), "denied: no ALLOW policy matched (default/allow)")
+	})
+	waitFor(t, "the 401 in the client's log", func() bool {
+		return strings.Contains(m.client.log.String(), "CONNECT answered 401 Unauthorized")
+	})
+	sm := get(t, "http://"+m.serverIP.String()+":15020/metrics")
+	if !strings.Contains(sm, "istio_tcp_connections_failed_total{") || !strings.Contains(sm, `response_flags="DENY"`) {
+		t.Errorf("no DENY in the server's metrics:\n%s", sm)
+	}
+}
+
+func TestPolicyChangeClosesLiveConnection(t *testing.T) {
+	m := newMesh(t, "", "")
+	c, code, err := m.socks(m.serverIP.String(), 8080)
+	if err != nil || code != socks5.Succeeded {
+		t.Fatalf("code %d, %v", code, err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	deny := "policies:\n- name: deny-client\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - principals: [!Exact \"cluster.local/ns/default/sa/client\"]\n"
+	m.write(m.config(deny, ""))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(buf); err == nil {
+		t.Fatal("the live connection still carries bytes after a policy denies it")
+	}
+	waitFor(t, "late rejection in the log", func() bool {
+		s := m.server.log.String()
+		return strings.Contains(s, "flags=DENY_LATE") && strings.Contains(s, "closed by a policy change: denied by DENY policy default/deny-client")
+	})
+}
+
+func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
+	m := newMesh(t, "", "")
+	m.mustEcho(m.plainIP.String(), 9000) // not in the mesh: plain TCP
+	waitFor(t, "passthrough log", func() bool {
+		return strings.Contains(m.client.log.String(), "dst.addr="+m.plainIP.String()+":9000")
+	})
+	if strings.Contains(m.server.log.String(), m.plainIP.String()+":9000") {
+		t.Error("passthrough went through the server's proxy")
+	}
+	// Nothing listens on the server's 9999: the server proxy answers 503.
+	c, code, err := m.socks(m.serverIP.String(), 9999)
+	if err != nil || code != socks5.ConnectionRefused {
+		t.Fatalf("unknown port: code %d, %v", code, err)
+	}
+	c.Close()
+	waitFor(t, "503 in the client's log", func() bool {
+		return strings.Contains(m.client.log.String(), "CONNECT answered 503")
+	})
+	// The proxy's own ports are loops.
+	c, code, err = m.socks(m.serverIP.String(), 15008)
+	if err != nil || code != socks5.HostUnreachable {
+		t.Fatalf("self call: code %d, %v", code, err)
+	}
+	c.Close()
+}
+
+func TestConfigChangeAddsWorkloadLive(t *testing.T) {
+	m := newMesh(t, "", "")
+	// 127.0.N.40 is not in the mesh yet: plain passthrough to a closed port fails.
+	lateIP := m.ip(40)
+	echoOn(t, netip.AddrPortFrom(lateIP, 8080))
+	extra := fmt.Sprintf("- name: late\n  namespace: default\n  hostname: late.default.svc.cluster.local\n  vips: [\"/10.97.%d.1\"]\n  ports: {80: 8080}\n", m.n)
+	lateWl := fmt.Sprintf("- uid: test//late\n  name: late\n  namespace: default\n  workloadIps: [\"%s\"]\n  protocol: TCP\n  services: {\"default/late.default.svc.cluster.local\": {80: 8080}}\n", lateIP)
+	if c, code, err := m.socks("late.default.svc.cluster.local", 80); err == nil {
+		c.Close()
+		if code == socks5.Succeeded {
+			t.Fatal("a service that does not exist yet was reachable")
+		}
+	}
+	m.write(m.config(lateWl, extra))
+	waitFor(t, "the new service", func() bool { return len(m.client.p.Index().Services()) == 2 })
+	m.mustEcho("late.default.svc.cluster.local", 80)
+
+	// A bad change is refused and the last good config stays.
+	m.write(m.config(lateWl, extra) + "  bogus: 1\n")
+	waitFor(t, "the rejection", func() bool { return strings.Contains(m.client.log.String(), "config change rejected") })
+	if !strings.Contains(m.client.log.String(), "mesh.yaml:") || !strings.Contains(m.client.log.String(), "bogus: unknown field") {
+		t.Errorf("rejection does not name the line and field:\n%s", m.client.log.String())
+	}
+	m.mustEcho("late.default.svc.cluster.local", 80)
+}
+
+func TestAdminEndpoints(t *testing.T) {
+	m := newMesh(t, "", "")
+	base := "http://" + m.clientIP.String() + ":15000"
+	d := get(t, base+"/config_dump")
+	for _, want := range []string{`"mode": "dedicated default/client"`, `"uid": "test//server"`, `"identity": "spiffe://cluster.local/ns/default/sa/client"`, `"notAfter"`, `"vips": [`} {
+		if !strings.Contains(d, want) {
+			t.Errorf("config_dump lacks %s", want)
+		}
+	}
+	if strings.Contains(d, "PRIVATE KEY") || strings.Contains(d, `"Key"`) {
+		t.Fatal("config_dump exposes a private key")
+	}
+	resp, err := http.Post(base+"/logging?level=debug", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), "level: debug") {
+		t.Errorf("logging: %d %s", resp.StatusCode, b)
+	}
+	resp, err = http.Post(base+"/logging?level=loud", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Errorf("bad level: %d", resp.StatusCode)
+	}
+	if !strings.Contains(get(t, base+"/debug/pprof/"), "goroutine") {
+		t.Error("pprof index")
+	}
+}
+
+// 100 MB each way at once through both proxies, byte-exact, with half-close.
+func TestLargeTransferBothDirections(t *testing.T) {
+	if testing.Short() {
+		t.Skip("SKIP in -short: moves 200 MB")
+	}
+	m := newMesh(t, "", "")
+	c, code, err := m.socks(m.serverIP.String(), 8080)
+	if err != nil || code != socks5.Succeeded {
+		t.Fatalf("code %d, %v", code, err)
+	}
+	defer c.Close()
+	const size = 100 << 20
+	up := sha256.New()
+	errc := make(chan error, 1)
+	go func() {
+		w := bufio.NewWriterSize(c, 256<<10)
+		buf := make([]byte, 64<<10)
+		for sent := 0; sent < size; sent += len(buf) {
+			rand.Read(buf)
+			up.Write(buf)
+			if _, err := w.Write(buf); err != nil {
+				errc <- err
+				return
+			}
+		}
+		if err := w.Flush(); err != nil {
+			errc <- err
+			return
+		}
+		errc <- c.CloseWrite()
+	}()
+	down := sha256.New()
+	n, err := io.Copy(down, c)
+	if err != nil {
+		t.Fatalf("after %d bytes: %v", n, err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if n != size || !bytes.Equal(up.Sum(nil), down.Sum(nil)) {
+		t.Fatalf("got %d bytes back, hashes equal: %v", n, bytes.Equal(up.Sum(nil), down.Sum(nil)))
+	}
+	waitFor(t, "byte counts in the log", func() bool {
+		return strings.Contains(m.server.log.String(), fmt.Sprintf("bytes_sent=%d bytes_recv=%d", size, size))
+	})
+}

@@ -1,0 +1,334 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/hbone"
+	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/socks5"
+	"github.com/ambitmesh/ambit/internal/telemetry"
+	"github.com/ambitmesh/ambit/internal/workload"
+)
+
+// route is where an outbound connection goes.
+type route struct {
+	kind      routeKind
+	dial      netip.AddrPort // the address to connect to (ip:15008 for HBONE)
+	authority netip.AddrPort // HBONE :authority, the target pod ip:port
+	dstW      *workload.Workload
+	svc       *workload.Service
+	expected  []identity.ID
+}
+
+type routeKind int
+
+const (
+	routeHBONE       routeKind = iota // mesh workload: tunnel
+	routeTCP                          // workload not in the mesh: plain TCP
+	routePassthrough                  // unknown address: plain TCP to it
+)
+
+func (k routeKind) String() string {
+	return [...]string{"hbone", "tcp", "passthrough"}[k]
+}
+
+// refusal is an outbound connection the proxy will not make, with its
+// telemetry flag.
+type refusal struct {
+	flag string
+	msg  string
+}
+
+func (r *refusal) Error() string { return r.msg }
+
+// selfPorts are the proxy's own ports: a connection to one of them is a
+// loop and is refused.
+func (p *Proxy) isSelfPort(port uint16) bool {
+	switch port {
+	case p.ports.Outbound, p.ports.Inbound, p.ports.HBONE, p.ports.SOCKS, 15001, 15006, 15008, 15080:
+		return true
+	}
+	return false
+}
+
+// resolve decides where a connection from src to dst goes: a service VIP
+// picks an endpoint; a mesh workload is tunnelled; anything else passes
+// through as plain TCP.
+func (p *Proxy) resolve(ix *workload.Index, src *workload.Workload, dst netip.AddrPort) (route, error) {
+	if p.isSelfPort(dst.Port()) {
+		return route{}, &refusal{telemetry.FlagConnect, fmt.Sprintf("destination port %d is one of the proxy's own (a loop)", dst.Port())}
+	}
+	if svc := ix.ServiceByVIP(p.network(), dst.Addr()); svc != nil {
+		return p.resolveService(svc, dst.Port(), src)
+	}
+	if w := ix.WorkloadByAddr(p.network(), dst.Addr()); w != nil {
+		return workloadRoute(w, nil, dst.Addr(), dst.Port()), nil
+	}
+	return route{kind: routePassthrough, dial: dst}, nil
+}
+
+func (p *Proxy) resolveService(svc *workload.Service, port uint16, src *workload.Workload) (route, error) {
+	w, target, err := p.pick(svc, port, src)
+	if err != nil {
+		return route{}, &refusal{telemetry.FlagNoEndpoint, err.Error()}
+	}
+	ip := w.IPs[0]
+	for _, a := range w.IPs { // same family as the VIPs, if it has one
+		if len(svc.VIPs) > 0 && a.Is4() == svc.VIPs[0].IP.Is4() {
+			ip = a
+			break
+		}
+	}
+	return workloadRoute(w, svc, ip, target), nil
+}
+
+func workloadRoute(w *workload.Workload, svc *workload.Service, ip netip.Addr, port uint16) route {
+	r := route{dstW: w, svc: svc}
+	target := netip.AddrPortFrom(ip, port)
+	if w.Protocol != workload.ProtocolHBONE {
+		r.kind, r.dial = routeTCP, target
+		return r
+	}
+	r.kind = routeHBONE
+	r.dial = netip.AddrPortFrom(ip, 15008)
+	r.authority = target
+	r.expected = []identity.ID{w.Identity()}
+	if svc != nil {
+		for _, san := range svc.SubjectAltNames {
+			if id, err := identity.Parse(san); err == nil {
+				r.expected = append(r.expected, id)
+			}
+		}
+	}
+	return r
+}
+
+// sourceWorkload finds the workload an outbound connection comes from:
+// the dedicated one, or the local workload at the source IP.
+func (p *Proxy) sourceWorkload(ix *workload.Index, src netip.Addr) (*workload.Workload, error) {
+	if w := p.self.Load(); p.opts.Workload != "" {
+		return w, nil
+	}
+	w := p.workloadAt(ix, src)
+	if w == nil || !p.isLocal(w) {
+		return nil, fmt.Errorf("source %s is not a workload of node %s: refusing a connection with no identity", src, p.opts.Node)
+	}
+	return w, nil
+}
+
+// serveSOCKS handles the explicit way out: SOCKS5 CONNECT to an address or
+// a mesh service's name.
+func (p *Proxy) serveSOCKS(l net.Listener) {
+	p.acceptLoop(l, func(down *net.TCPConn) {
+		_ = down.SetDeadline(time.Now().Add(10 * time.Second))
+		req, err := socks5.Handshake(bufio.NewReader(down), down)
+		_ = down.SetDeadline(time.Time{})
+		if err != nil {
+			p.log.Debug("socks5 handshake failed", "peer", down.RemoteAddr().String(), "err", err)
+			return
+		}
+		reply := func(code byte, bind netip.AddrPort) { _ = socks5.WriteReply(down, code, bind) }
+		ix := p.index.Load()
+		dst := req.Addr
+		if req.Host != "" {
+			svc := p.serviceByName(ix, req.Host)
+			if svc == nil || len(svc.VIPs) == 0 {
+				reply(socks5.HostUnreachable, netip.AddrPort{})
+				p.log.Warn("socks5: not a mesh service", "host", req.Host)
+				return
+			}
+			dst = netip.AddrPortFrom(svc.VIPs[0].IP, req.Port)
+		}
+		p.outbound(down, dst, reply)
+	})
+}
+
+// serviceByName finds a mesh service by hostname, preferring the source's
+// namespace when several namespaces define it.
+func (p *Proxy) serviceByName(ix *workload.Index, host string) *workload.Service {
+	svcs := ix.ServicesByHost(host)
+	if len(svcs) == 0 {
+		return nil
+	}
+	if w := p.self.Load(); w != nil {
+		for _, s := range svcs {
+			if s.Namespace == w.Namespace {
+				return s
+			}
+		}
+	}
+	return svcs[0]
+}
+
+// serveCaptured handles connections redirected to 15001.
+func (p *Proxy) serveCaptured(l net.Listener) {
+	p.acceptLoop(l, func(down *net.TCPConn) {
+		dst, err := originalDst(down)
+		if err != nil {
+			p.log.Warn("outbound: no original destination", "peer", down.RemoteAddr().String(), "err", err)
+			return
+		}
+		p.outbound(down, dst, nil)
+	})
+}
+
+// outbound carries one application connection to dst. reply, for SOCKS,
+// tells the client the outcome before any byte flows.
+func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte, netip.AddrPort)) {
+	ix := p.index.Load()
+	from := netip.MustParseAddrPort(down.RemoteAddr().String())
+	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+	tc := &telemetry.Conn{Direction: "outbound", Src: from, Dst: dst, Start: time.Now()}
+	fail := func(code byte, flag string, err error) {
+		if reply != nil {
+			reply(code, netip.AddrPort{})
+		}
+		p.opts.Metrics.Failed(tc, flag)
+		telemetry.LogConn(p.alog, tc, 0, 0, flag, err)
+	}
+	src, err := p.sourceWorkload(ix, from.Addr())
+	if err != nil {
+		fail(socks5.NotAllowed, telemetry.FlagConnect, err)
+		return
+	}
+	tc.SrcWorkload, tc.SrcIdentity = src, src.Identity()
+	r, err := p.resolve(ix, src, dst)
+	if err != nil {
+		var rf *refusal
+		flag := telemetry.FlagConnect
+		if errors.As(err, &rf) {
+			flag = rf.flag
+		}
+		fail(socks5.HostUnreachable, flag, err)
+		return
+	}
+	tc.DstWorkload, tc.DstService = r.dstW, r.svc
+	if r.dstW != nil && r.kind == routeHBONE {
+		tc.DstIdentity = r.dstW.Identity()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	up, err := p.dialRoute(ctx, src, from, r)
+	cancel()
+	if err != nil {
+		code, flag := socks5.ConnectionRefused, telemetry.FlagConnect
+		switch hbone.StatusCode(err) {
+		case http.StatusUnauthorized:
+			code, flag = socks5.NotAllowed, telemetry.FlagDeny
+		case 0:
+			var ne net.Error
+			if r.kind == routeHBONE && !errors.As(err, &ne) {
+				flag = telemetry.FlagTLSFailure
+			}
+		}
+		if r.kind == routeHBONE {
+			tc.DstHBONE, tc.MTLS = r.dial, true
+		}
+		fail(code, flag, err)
+		return
+	}
+	defer up.Close()
+	if r.kind == routeHBONE {
+		tc.DstHBONE, tc.MTLS = r.dial, true
+	}
+	if reply != nil {
+		local, _ := netip.ParseAddrPort(down.LocalAddr().String())
+		reply(socks5.Succeeded, local)
+	}
+	p.opts.Metrics.Opened(tc)
+	res := relay.Bidirectional(down, up)
+	p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
+	telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
+}
+
+// relayErr keeps what is worth logging of a relay's end: resets and
+// failures, not the ordinary EOFs.
+func relayErr(r relay.Result) error {
+	err := r.Err()
+	if err == nil || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// upstream is the proxy's side of a connection: a TCP socket or an HBONE stream.
+type upstream interface {
+	relay.Conn
+	Close() error
+}
+
+// dialRoute connects to the route's destination: an HBONE stream or a TCP
+// connection.
+func (p *Proxy) dialRoute(ctx context.Context, src *workload.Workload, from netip.AddrPort, r route) (upstream, error) {
+	switch r.kind {
+	case routeHBONE:
+		req := hbone.Request{
+			Source:     src.Identity(),
+			Expected:   r.expected,
+			Address:    r.dial,
+			SourceAddr: p.sourceIP(src),
+			Authority:  r.authority,
+			Header:     http.Header{"Forwarded": {forwarded(from, r.svc)}, "Baggage": {baggage(src)}},
+		}
+		st, err := p.dialer.Dial(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		return st, nil
+	default:
+		var d net.Dialer
+		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(p.sourceIP(src), 0))
+		c, err := d.DialContext(ctx, "tcp", r.dial.String())
+		if err != nil {
+			return nil, err
+		}
+		tcp := c.(*net.TCPConn)
+		return tcp, nil
+	}
+}
+
+// sourceIP is the address the proxy dials from: the source workload's, in
+// dedicated mode (the listeners' own IP); the OS's choice otherwise until
+// capture makes the pod's own IP usable.
+func (p *Proxy) sourceIP(src *workload.Workload) netip.Addr {
+	if w := p.self.Load(); w != nil {
+		return w.IPs[0]
+	}
+	return netip.Addr{}
+}
+
+func forwarded(from netip.AddrPort, svc *workload.Service) string {
+	f := hbone.Forwarded{For: from.String()}
+	if svc != nil {
+		f.Host = svc.Hostname
+	}
+	return f.String()
+}
+
+func baggage(w *workload.Workload) string {
+	kind := w.WorkloadType
+	if kind == "" {
+		kind = "pod"
+	}
+	name := w.WorkloadName
+	if name == "" {
+		name = w.Name
+	}
+	b := hbone.Baggage{
+		{Key: "k8s.cluster.name", Value: w.ClusterID},
+		{Key: "k8s.namespace.name", Value: w.Namespace},
+		{Key: "k8s." + kind + ".name", Value: name},
+		{Key: "service.name", Value: w.CanonicalName},
+		{Key: "service.version", Value: w.CanonicalRevision},
+		{Key: "cloud.region", Value: w.Locality.Region},
+		{Key: "cloud.availability_zone", Value: w.Locality.Zone},
+	}
+	return b.String()
+}

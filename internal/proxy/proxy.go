@@ -1,0 +1,353 @@
+// Package proxy is the node proxy: it takes workloads' outbound TCP (captured
+// on 15001, or asked for on SOCKS5 15080), carries it to the destination's
+// node over HBONE (or plain TCP where the destination is not in the mesh),
+// and on the way in (15008 HBONE, 15006 plaintext) checks policy and hands
+// the bytes to the application. It reads the mesh from a workload.Index that
+// its owner swaps in with SetIndex.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+
+	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/hbone"
+	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/telemetry"
+	"github.com/ambitmesh/ambit/internal/workload"
+)
+
+// Ports the proxy listens on; zero fields take Istio's numbers.
+type Ports struct {
+	Outbound uint16 // 15001: captured outbound, original destination from SO_ORIGINAL_DST
+	Inbound  uint16 // 15006: plaintext inbound from outside the mesh
+	HBONE    uint16 // 15008: HBONE inbound
+	SOCKS    uint16 // 15080: SOCKS5, the explicit way out without capture
+	Admin    uint16 // 15000: config dump, log level, pprof
+	Metrics  uint16 // 15020: Prometheus
+	Ready    uint16 // 15021: readiness
+}
+
+func (p Ports) withDefaults() Ports {
+	def := func(v *uint16, d uint16) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&p.Outbound, 15001)
+	def(&p.Inbound, 15006)
+	def(&p.HBONE, 15008)
+	def(&p.SOCKS, 15080)
+	def(&p.Admin, 15000)
+	def(&p.Metrics, 15020)
+	def(&p.Ready, 15021)
+	return p
+}
+
+// Options configure a Proxy. Exactly one of Workload and Node is set.
+type Options struct {
+	// Workload ("namespace/name") runs the proxy dedicated to one workload:
+	// every listener binds to that workload's IP. This is how several
+	// "nodes" share one machine without root.
+	Workload string
+	// Node runs the proxy for all workloads of a node (shared mode).
+	Node string
+	// ListenIP is where a shared proxy listens until capture gives it
+	// per-pod listeners; default 127.0.0.1. Ignored in dedicated mode.
+	ListenIP netip.Addr
+	// AdminIP is where admin, metrics and readiness listen: default
+	// 127.0.0.1, or the workload's IP in dedicated mode.
+	AdminIP netip.Addr
+	Ports   Ports
+
+	Certs     *identity.Manager
+	HBONE     hbone.Config
+	Log       *slog.Logger       // nil: discard
+	AccessLog *slog.Logger       // nil: Log
+	LogLevel  *slog.LevelVar     // changed by the admin /logging endpoint; may be nil
+	Metrics   *telemetry.Metrics // may be nil
+	Version   string
+}
+
+// Proxy is one running node proxy.
+type Proxy struct {
+	opts  Options
+	ports Ports
+	log   *slog.Logger
+	alog  *slog.Logger
+
+	index  atomic.Pointer[workload.Index]
+	self   atomic.Pointer[workload.Workload] // dedicated mode: the workload served
+	dialer *hbone.Dialer
+	server *hbone.Server
+
+	rndMu sync.Mutex
+	rnd   *rand.Rand
+
+	mu      sync.Mutex
+	live    map[*liveConn]struct{}
+	tracked map[identity.ID]bool
+	warned  sync.Once // the dedicated-mode source-IP fallback, said once
+
+	wg sync.WaitGroup
+}
+
+// liveConn is an inbound connection policy may close later.
+type liveConn struct {
+	dstUID string
+	authz  authz.Conn
+	close  func(reason string)
+}
+
+// New checks the options and builds a proxy over an initial index.
+func New(opts Options, ix *workload.Index) (*Proxy, error) {
+	if (opts.Workload == "") == (opts.Node == "") {
+		return nil, errors.New("proxy: set exactly one of a workload (dedicated mode) or a node (shared mode)")
+	}
+	if opts.Certs == nil {
+		return nil, errors.New("proxy: no certificate manager")
+	}
+	if ix == nil {
+		return nil, errors.New("proxy: no index")
+	}
+	p := &Proxy{
+		opts:    opts,
+		ports:   opts.Ports.withDefaults(),
+		log:     opts.Log,
+		alog:    opts.AccessLog,
+		rnd:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		live:    map[*liveConn]struct{}{},
+		tracked: map[identity.ID]bool{},
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	if p.alog == nil {
+		p.alog = p.log
+	}
+	if err := p.SetIndex(ix); err != nil {
+		return nil, err
+	}
+	p.dialer = &hbone.Dialer{Certs: opts.Certs, Config: opts.HBONE, Log: p.log}
+	p.server = &hbone.Server{
+		GetCertificate: p.certificateFor,
+		Handler:        hbone.HandlerFunc(p.serveHBONE),
+		Config:         opts.HBONE,
+		Log:            p.log,
+	}
+	return p, nil
+}
+
+// Index is the mesh as the proxy sees it now.
+func (p *Proxy) Index() *workload.Index { return p.index.Load() }
+
+// SetIndex swaps in a new view of the mesh: local workloads' certificates
+// are fetched ahead, and live inbound connections that the new policies
+// deny are closed. In dedicated mode the workload must still exist.
+func (p *Proxy) SetIndex(ix *workload.Index) error {
+	if p.opts.Workload != "" {
+		w := findByName(ix, p.opts.Workload)
+		if w == nil {
+			return fmt.Errorf("proxy: workload %s is not in the config", p.opts.Workload)
+		}
+		if cur := p.self.Load(); cur != nil && cur.IPs[0] != w.IPs[0] {
+			return fmt.Errorf("proxy: workload %s moved from %s to %s; restart the proxy to follow it", p.opts.Workload, cur.IPs[0], w.IPs[0])
+		}
+		p.self.Store(w)
+	}
+	p.index.Store(ix)
+	p.trackCertificates(ix)
+	p.recheckInbound(ix)
+	return nil
+}
+
+func findByName(ix *workload.Index, nsName string) *workload.Workload {
+	for _, w := range ix.Workloads() {
+		if w.Namespace+"/"+w.Name == nsName {
+			return w
+		}
+	}
+	return nil
+}
+
+// local lists the workloads this proxy serves.
+func (p *Proxy) local(ix *workload.Index) []*workload.Workload {
+	if w := p.self.Load(); p.opts.Workload != "" && w != nil {
+		return []*workload.Workload{w}
+	}
+	return ix.WorkloadsOnNode(p.opts.Node)
+}
+
+func (p *Proxy) isLocal(w *workload.Workload) bool {
+	if self := p.self.Load(); p.opts.Workload != "" {
+		return self != nil && w.UID == self.UID
+	}
+	return w.Node == p.opts.Node
+}
+
+// trackCertificates keeps a certificate for every local HBONE workload and
+// drops those no longer local.
+func (p *Proxy) trackCertificates(ix *workload.Index) {
+	want := map[identity.ID]bool{}
+	for _, w := range p.local(ix) {
+		if w.Protocol == workload.ProtocolHBONE {
+			want[w.Identity()] = true
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id := range want {
+		if !p.tracked[id] {
+			p.opts.Certs.Track(id)
+		}
+	}
+	for id := range p.tracked {
+		if !want[id] {
+			p.opts.Certs.Forget(id)
+		}
+	}
+	p.tracked = want
+}
+
+// Ready reports whether config is loaded and every local HBONE workload has
+// its certificate; if not, why.
+func (p *Proxy) Ready() (bool, string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id := range p.tracked {
+		if p.opts.Certs.Current(id) == nil {
+			return false, "waiting for the certificate of " + id.String()
+		}
+	}
+	return true, "ready"
+}
+
+// certificateFor picks the certificate the HBONE server presents: that of
+// the local workload the connection was addressed to.
+func (p *Proxy) certificateFor(ctx context.Context, local netip.Addr) (*identity.Certificate, error) {
+	ix := p.index.Load()
+	w := p.workloadAt(ix, local)
+	if w == nil || !p.isLocal(w) {
+		return nil, fmt.Errorf("no local workload at %s", local)
+	}
+	return p.opts.Certs.Get(ctx, w.Identity())
+}
+
+// workloadAt finds the workload at ip on the local network.
+func (p *Proxy) workloadAt(ix *workload.Index, ip netip.Addr) *workload.Workload {
+	return ix.WorkloadByAddr(p.network(), ip)
+}
+
+func (p *Proxy) network() string {
+	if w := p.self.Load(); w != nil {
+		return w.Network
+	}
+	return ""
+}
+
+// listenIP is where the data-path listeners bind.
+func (p *Proxy) listenIP() netip.Addr {
+	if w := p.self.Load(); w != nil {
+		return w.IPs[0]
+	}
+	if p.opts.ListenIP.IsValid() {
+		return p.opts.ListenIP
+	}
+	return netip.MustParseAddr("127.0.0.1")
+}
+
+func (p *Proxy) adminIP() netip.Addr {
+	if p.opts.AdminIP.IsValid() {
+		return p.opts.AdminIP
+	}
+	if w := p.self.Load(); w != nil {
+		return w.IPs[0]
+	}
+	return netip.MustParseAddr("127.0.0.1")
+}
+
+// Run opens every listener and serves until ctx ends, then drains: HBONE
+// connections get GOAWAY, live connections are given a moment to finish.
+func (p *Proxy) Run(ctx context.Context) error {
+	ip := p.listenIP()
+	type listener struct {
+		name  string
+		port  uint16
+		ip    netip.Addr
+		serve func(net.Listener)
+	}
+	specs := []listener{
+		{"hbone", p.ports.HBONE, ip, func(l net.Listener) { _ = p.server.Serve(l) }},
+		{"socks5", p.ports.SOCKS, ip, p.serveSOCKS},
+		{"outbound", p.ports.Outbound, ip, p.serveCaptured},
+		{"inbound", p.ports.Inbound, ip, p.servePlaintextInbound},
+		{"admin", p.ports.Admin, p.adminIP(), p.serveAdmin},
+		{"metrics", p.ports.Metrics, p.adminIP(), p.serveMetrics},
+		{"readiness", p.ports.Ready, p.adminIP(), p.serveReady},
+	}
+	var ls []net.Listener
+	closeAll := func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}
+	for _, s := range specs {
+		l, err := net.Listen("tcp", netip.AddrPortFrom(s.ip, s.port).String())
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: %s listener: %w", s.name, err)
+		}
+		ls = append(ls, l)
+		p.log.Info("listening", "listener", s.name, "addr", l.Addr().String())
+	}
+	for i, s := range specs {
+		l := ls[i]
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			s.serve(l)
+		}()
+	}
+	<-ctx.Done()
+	closeAll()
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5e9)
+	defer cancel()
+	_ = p.server.Shutdown(shutCtx)
+	p.closeInbound("proxy shutting down")
+	p.dialer.Close()
+	p.wg.Wait()
+	return nil
+}
+
+// acceptLoop accepts until the listener closes and serves each connection
+// in a goroutine owned by the proxy.
+func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				p.log.Error("accept", "addr", l.Addr().String(), "err", err)
+			}
+			return
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer c.Close()
+			serve(c.(*net.TCPConn))
+		}()
+	}
+}
+
+func (p *Proxy) pick(svc *workload.Service, port uint16, src *workload.Workload) (*workload.Workload, uint16, error) {
+	p.rndMu.Lock()
+	defer p.rndMu.Unlock()
+	return p.index.Load().Pick(svc, port, src, p.rnd)
+}
