@@ -19,7 +19,7 @@ import (
 func newProxyCmd() *cobra.Command {
 	var (
 		cfgPath, caDir, wl, node, listenIP, logFormat, logLevel string
-		certTTL                                                time.Duration
+		certTTL                                                 time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "proxy --config FILE --ca-dir DIR (--workload NS/NAME | --node NAME)",
