@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
@@ -16,6 +18,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
+	"golang.org/x/sys/unix"
 )
 
 // inboundReq is one connection arriving for a local workload, over HBONE
@@ -134,20 +137,44 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 	telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
 }
 
-// dialApp connects to the application. In dedicated loopback mode the
-// client's IP cannot be used as the source (it is not ours and there is no
-// transparent routing), so the proxy connects from its own address and says
-// so once; capture mode connects from the client's IP.
+// dialApp connects to the application from the client's own IP, so the
+// app sees who called (the seed's last hop). That needs the address to be
+// bindable: any 127.x on loopback, or any address with IP_TRANSPARENT
+// (CAP_NET_ADMIN) and capture's routing. Where it is not, the proxy
+// connects from its own address and says so once.
 func (p *Proxy) dialApp(ctx context.Context, client netip.Addr, target netip.AddrPort) (*net.TCPConn, error) {
-	p.warned.Do(func() {
-		p.log.Info("connecting to applications from the proxy's own address: the client's IP is kept only with capture (transparent sockets)", "client_example", client.String())
-	})
+	if client.IsValid() && client != target.Addr() && client.Is4() == target.Addr().Is4() {
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: transparent}
+		c, err := d.DialContext(ctx, "tcp", target.String())
+		if err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.EADDRINUSE) {
+			return nil, err // the app itself is unreachable
+		}
+		p.warned.Do(func() {
+			p.log.Info("cannot connect to applications from the client's IP here; using the proxy's own address", "client", client.String(), "err", err)
+		})
+	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", target.String())
 	if err != nil {
 		return nil, err
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// transparent asks for IP_TRANSPARENT, which lets a socket bind an address
+// that is not local; without the privilege it is skipped, and a bind to a
+// local address (loopback) still works.
+func transparent(network, address string, c syscall.RawConn) error {
+	return c.Control(func(fd uintptr) {
+		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+		if strings.HasSuffix(network, "6") {
+			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+		}
+		_ = unix.SetsockoptInt(int(fd), level, opt, 1)
+	})
 }
 
 func (p *Proxy) track(c *liveConn) {

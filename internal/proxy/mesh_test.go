@@ -70,6 +70,7 @@ type mesh struct {
 	clientIP netip.Addr
 	serverIP netip.Addr
 	plainIP  netip.Addr
+	appPeers chan string // addresses the server app saw its clients at
 }
 
 func (m *mesh) ip(last byte) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, byte(m.n), last}) }
@@ -124,7 +125,8 @@ func newMesh(t *testing.T, serverExtra, extra string) *mesh {
 	m.clientIP, m.serverIP, m.plainIP = m.ip(10), m.ip(20), m.ip(30)
 	m.cfg = filepath.Join(t.TempDir(), "mesh.yaml")
 	m.write(m.config(serverExtra, extra))
-	echoOn(t, netip.AddrPortFrom(m.serverIP, 8080))
+	m.appPeers = make(chan string, 100)
+	echoPeers(t, netip.AddrPortFrom(m.serverIP, 8080), m.appPeers)
 	echoOn(t, netip.AddrPortFrom(m.plainIP, 9000))
 
 	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
@@ -175,7 +177,10 @@ func (m *mesh) startProxy(ca *identity.CA, wl string, ip netip.Addr) *node {
 }
 
 // echoOn serves TCP echo with half-close on addr until the test ends.
-func echoOn(t *testing.T, addr netip.AddrPort) {
+func echoOn(t *testing.T, addr netip.AddrPort) { echoPeers(t, addr, nil) }
+
+// echoPeers is echoOn that reports each client's address on peers.
+func echoPeers(t *testing.T, addr netip.AddrPort, peers chan<- string) {
 	l, err := net.Listen("tcp", addr.String())
 	if err != nil {
 		t.Fatal(err)
@@ -189,6 +194,9 @@ func echoOn(t *testing.T, addr netip.AddrPort) {
 			c, err := l.Accept()
 			if err != nil {
 				return
+			}
+			if peers != nil {
+				peers <- c.RemoteAddr().String()
 			}
 			wg.Add(1)
 			go func() {
@@ -275,6 +283,10 @@ func get(t *testing.T, url string) string {
 func TestEchoThroughTheMesh(t *testing.T) {
 	m := newMesh(t, "", "")
 	m.mustEcho(m.serverIP.String(), 8080)
+	// The app saw the connection come from the client workload's IP.
+	if peer := <-m.appPeers; !strings.HasPrefix(peer, m.clientIP.String()+":") {
+		t.Errorf("the server app saw its client at %s, want the client's IP %s", peer, m.clientIP)
+	}
 
 	// Both ends logged the connection with the right identities.
 	waitFor(t, "access logs", func() bool {
@@ -308,11 +320,22 @@ func TestEchoThroughTheMesh(t *testing.T) {
 }
 
 func TestServiceByVIPAndByName(t *testing.T) {
-	m := newMesh(t, "", "")
+	n := subnet.Load() + 1 // the subnet newMesh is about to take
+	empty := fmt.Sprintf("- name: empty\n  namespace: default\n  hostname: empty.default.svc.cluster.local\n  vips: [\"/10.98.%d.1\"]\n  ports: {80: 8080}\n", n)
+	m := newMesh(t, "", empty)
 	m.mustEcho(fmt.Sprintf("10.96.%d.10", m.n), 80) // VIP:80 → endpoint :8080
 	m.mustEcho("echo.default.svc.cluster.local", 80)
 	waitFor(t, "service in the access log", func() bool {
 		return strings.Contains(m.client.log.String(), "dst.service=echo.default.svc.cluster.local")
+	})
+	// A service with no endpoint is refused, and the log says why.
+	if c, code, err := m.socks(fmt.Sprintf("10.98.%d.1", m.n), 80); err != nil || code != socks5.HostUnreachable {
+		t.Errorf("service without endpoints: code %d, %v", code, err)
+	} else {
+		c.Close()
+	}
+	waitFor(t, "the refusal in the log", func() bool {
+		return strings.Contains(m.client.log.String(), "service default/empty.default.svc.cluster.local port 80: no endpoint (the service has no endpoints)")
 	})
 	if c, code, err := m.socks("nope.default.svc.cluster.local", 80); err != nil || code != socks5.HostUnreachable {
 		t.Errorf("unknown name: code %d, %v", code, err)
