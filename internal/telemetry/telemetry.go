@@ -214,7 +214,7 @@ func LogConn(log *slog.Logger, c *Conn, sent, recv int64, flags string, err erro
 		slog.String("direction", c.Direction),
 		slog.Int64("bytes_sent", sent),
 		slog.Int64("bytes_recv", recv),
-		slog.Duration("duration", time.Since(c.Start).Round(time.Microsecond)),
+		slog.String("duration", time.Since(c.Start).Round(time.Microsecond).String()),
 	)
 	level := slog.LevelInfo
 	if flags != FlagNone && flags != "" {

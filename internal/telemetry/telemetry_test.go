@@ -1,0 +1,80 @@
+package telemetry
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/workload"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func sample() *Conn {
+	client := &workload.Workload{Name: "client", Namespace: "default", CanonicalName: "client", CanonicalRevision: "v1", ClusterID: "Kubernetes"}
+	return &Conn{
+		Direction: "outbound", Src: netip.MustParseAddrPort("10.244.0.2:35888"), SrcWorkload: client,
+		SrcIdentity: identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "default"},
+		Dst:         netip.MustParseAddrPort("10.244.1.3:80"), DstHBONE: netip.MustParseAddrPort("10.244.1.3:15008"),
+		DstIdentity: identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "default"},
+		MTLS:        true, Start: time.Now().Add(-85 * time.Millisecond),
+	}
+}
+
+func TestAccessLogJSON(t *testing.T) {
+	var b bytes.Buffer
+	LogConn(slog.New(slog.NewJSONHandler(&b, nil)), sample(), 74, 130, FlagNone, nil)
+	var rec map[string]any
+	if err := json.Unmarshal(b.Bytes(), &rec); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		"msg": "connection complete", "src.addr": "10.244.0.2:35888", "dst.addr": "10.244.1.3:80",
+		"dst.hbone_addr": "10.244.1.3:15008", "src.workload": "client", "src.namespace": "default",
+		"src.identity": "spiffe://cluster.local/ns/default/sa/default", "dst.identity": "spiffe://cluster.local/ns/default/sa/default",
+		"direction": "outbound", "bytes_sent": float64(74), "bytes_recv": float64(130),
+	}
+	for k, v := range want {
+		if rec[k] != v {
+			t.Errorf("%s = %v, want %v", k, rec[k], v)
+		}
+	}
+	if d, _ := rec["duration"].(string); !strings.HasSuffix(d, "ms") {
+		t.Errorf("duration %v, want a readable string", rec["duration"])
+	}
+	b.Reset()
+	LogConn(slog.New(slog.NewTextHandler(&b, nil)), sample(), 0, 0, FlagDeny, errors.New("denied: x"))
+	if s := b.String(); !strings.Contains(s, "level=WARN") || !strings.Contains(s, "flags=DENY") || !strings.Contains(s, `error="denied: x"`) {
+		t.Errorf("refusal record: %s", s)
+	}
+}
+
+func TestMetricsLabels(t *testing.T) {
+	m := NewMetrics("1.2.3")
+	c := sample()
+	m.Opened(c)
+	m.Closed(c, 74, 130, FlagNone)
+	m.Failed(c, FlagDeny)
+	l := m.labels(c, FlagNone)
+	if l["reporter"] != "source" || l["source_workload"] != "client" || l["source_canonical_revision"] != "v1" ||
+		l["destination_workload"] != "unknown" || l["connection_security_policy"] != "mutual_tls" ||
+		l["destination_principal"] != "spiffe://cluster.local/ns/default/sa/default" {
+		t.Errorf("labels %v", l)
+	}
+	if v := testutil.ToFloat64(m.sent.With(l)); v != 74 {
+		t.Errorf("sent %v", v)
+	}
+	if v := testutil.ToFloat64(m.received.With(l)); v != 130 {
+		t.Errorf("received %v", v)
+	}
+	if v := testutil.ToFloat64(m.failed.With(m.labels(c, FlagDeny))); v != 1 {
+		t.Errorf("failed %v", v)
+	}
+	var nilM *Metrics
+	nilM.Opened(c) // a proxy without metrics
+}
