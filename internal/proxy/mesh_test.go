@@ -71,6 +71,7 @@ type mesh struct {
 	serverIP netip.Addr
 	plainIP  netip.Addr
 	appPeers chan string // addresses the server app saw its clients at
+	ca       *identity.CA
 }
 
 func (m *mesh) ip(last byte) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, byte(m.n), last}) }
@@ -133,12 +134,16 @@ func newMesh(t *testing.T, serverExtra, extra string) *mesh {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.client = m.startProxy(ca, "default/client", m.clientIP)
-	m.server = m.startProxy(ca, "default/server", m.serverIP)
+	m.ca = ca
+	m.client = m.startProxy(Options{Workload: "default/client"}, m.clientIP)
+	m.server = m.startProxy(Options{Workload: "default/server"}, m.serverIP)
 	return m
 }
 
-func (m *mesh) startProxy(ca *identity.CA, wl string, ip netip.Addr) *node {
+// startProxy runs a proxy with opts (plus the mesh's CA, logs and metrics)
+// and waits until it is ready on ip:15021.
+func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
+	ca := m.ca
 	t := m.t
 	lb := &logBuf{}
 	log := slog.New(slog.NewTextHandler(lb, nil))
@@ -150,7 +155,8 @@ func (m *mesh) startProxy(ca *identity.CA, wl string, ip netip.Addr) *node {
 	if err := w.Load(); err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(Options{Workload: wl, Certs: certs, Log: log, Metrics: n.metrics, Version: "test", LogLevel: new(slog.LevelVar)}, initial)
+	opts.Certs, opts.Log, opts.Metrics, opts.Version, opts.LogLevel = certs, log, n.metrics, "test", new(slog.LevelVar)
+	p, err := New(opts, initial)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +171,7 @@ func (m *mesh) startProxy(ca *identity.CA, wl string, ip netip.Addr) *node {
 	go func() { _ = p.Run(ctx); done <- struct{}{} }()
 	go func() { w.Run(ctx); done <- struct{}{} }()
 	t.Cleanup(func() { cancel(); <-done; <-done })
-	waitFor(t, wl+" ready", func() bool {
+	waitFor(t, opts.Workload+opts.Node+" ready", func() bool {
 		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, 15021).String() + "/healthz/ready")
 		if err != nil {
 			return false
@@ -529,5 +535,72 @@ func TestLargeTransferBothDirections(t *testing.T) {
 	}
 	waitFor(t, "byte counts in the log", func() bool {
 		return strings.Contains(m.server.log.String(), fmt.Sprintf("bytes_sent=%d bytes_recv=%d", size, size))
+	})
+}
+
+// Shared mode: one proxy for node-a's workloads tells them apart by source
+// IP, and refuses a source that is none of them.
+func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
+	m := newMesh(t, "", "")
+	nodeIP := m.ip(1)
+	shared := m.startProxy(Options{Node: "node-a", ListenIP: nodeIP, AdminIP: nodeIP}, nodeIP)
+	dial := func(from netip.Addr) (*net.TCPConn, byte) {
+		t.Helper()
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
+		c, err := d.Dial("tcp", netip.AddrPortFrom(nodeIP, 15080).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := m.serverIP.As4()
+		req := append([]byte{5, 1, 0, 5, 1, 0, 1}, a[:]...)
+		c.Write(binary.BigEndian.AppendUint16(req, 8080))
+		resp := make([]byte, 12)
+		if _, err := io.ReadFull(c, resp); err != nil {
+			t.Fatalf("socks reply: %v", err)
+		}
+		return c.(*net.TCPConn), resp[3]
+	}
+	c, code := dial(m.clientIP) // the client workload lives on node-a
+	if code != socks5.Succeeded {
+		t.Fatalf("from the client workload: code %d", code)
+	}
+	msg := []byte("hello from node-a")
+	if back, err := roundTrip(c, msg); err != nil || !bytes.Equal(back, msg) {
+		t.Fatalf("echo %q %v", back, err)
+	}
+	c.Close()
+	waitFor(t, "the shared proxy's access log", func() bool {
+		return strings.Contains(shared.log.String(), "src.identity=spiffe://cluster.local/ns/default/sa/client")
+	})
+	c, code = dial(m.ip(99)) // no workload there
+	c.Close()
+	if code != socks5.NotAllowed {
+		t.Fatalf("from an unknown source: code %d, want %d", code, socks5.NotAllowed)
+	}
+	waitFor(t, "the refusal", func() bool {
+		return strings.Contains(shared.log.String(), "is not a workload of node node-a: refusing a connection with no identity")
+	})
+}
+
+// Without capture, a connection straight to 15001 or 15006 has no original
+// destination (SO_ORIGINAL_DST finds none): it is refused, and said so.
+func TestCapturePortsRefuseLoops(t *testing.T) {
+	m := newMesh(t, "", "")
+	for _, port := range []uint16{15001, 15006} {
+		c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, port).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(make([]byte, 1)); err == nil {
+			t.Errorf("port %d: read %d bytes from a loop", port, n)
+		}
+		c.Close()
+	}
+	waitFor(t, "both refusals", func() bool {
+		s := m.client.log.String()
+		return strings.Contains(s, `msg="outbound: no original destination"`) &&
+			strings.Contains(s, `msg="inbound: no original destination"`) &&
+			strings.Count(s, "the connection was not redirected to this port") == 2
 	})
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -14,9 +15,11 @@ import (
 // had before the kernel redirected it to this listener.
 const soOriginalDst = 80
 
-// originalDst returns where a redirected connection was going. A connection
-// that was not redirected reports the listener's own address, which the
-// callers then refuse as a loop.
+// errNotRedirected is the answer for a connection that reached the port
+// directly: the kernel has no original destination for it.
+var errNotRedirected = errors.New("no original destination: the connection was not redirected to this port")
+
+// originalDst returns where a redirected connection was going.
 func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
@@ -44,6 +47,9 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	})
 	if err != nil {
 		return netip.AddrPort{}, err
+	}
+	if errors.Is(serr, unix.ENOENT) {
+		return netip.AddrPort{}, errNotRedirected
 	}
 	if serr != nil {
 		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", serr)
