@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -321,10 +322,7 @@ func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error
 func (d *Dialer) Stats() (conns, streams int) {
 	d.init()
 	d.mu.Lock()
-	all := make([]*conn, 0, len(d.all))
-	for c := range d.all {
-		all = append(all, c)
-	}
+	all := slices.Collect(maps.Keys(d.all))
 	d.mu.Unlock()
 	for _, c := range all {
 		streams += c.activeStreams()
@@ -337,10 +335,7 @@ func (d *Dialer) Close() error {
 	d.init()
 	d.mu.Lock()
 	d.closed = true
-	all := make([]*conn, 0, len(d.all))
-	for c := range d.all {
-		all = append(all, c)
-	}
+	all := slices.Collect(maps.Keys(d.all))
 	d.mu.Unlock()
 	for _, c := range all {
 		c.closeGracefully(ErrConnClosed)

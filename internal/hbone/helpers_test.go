@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
 var (
@@ -140,43 +140,13 @@ func relayHandler() Handler {
 	})
 }
 
-// serveTCP accepts loopback connections and runs serve on each in its own
-// goroutine, until the test ends.
+// serveTCP serves each loopback connection with serve until the test ends.
 func serveTCP(t testing.TB, serve func(net.Conn)) netip.AddrPort {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	return netip.MustParseAddrPort(l.Addr().String())
+	return testutil.ServeTCP(t, "127.0.0.1:0", serve)
 }
 
-// echoServer is a TCP server that echoes until the client half-closes, then
-// half-closes itself.
-func echoServer(t testing.TB) netip.AddrPort {
-	return serveTCP(t, func(c net.Conn) {
-		io.Copy(c, c)
-		c.(*net.TCPConn).CloseWrite()
-	})
-}
+// echoServer is a TCP echo server that passes half-closes on.
+func echoServer(t testing.TB) netip.AddrPort { return testutil.Echo(t, "127.0.0.1:0", nil) }
 
 // newDialer returns a dialer over m, closed with the test.
 func newDialer(t testing.TB, m CertSource, cfg Config) *Dialer {

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -215,10 +217,7 @@ func (p *Proxy) recheckInbound(ix *workload.Index) {
 // closeInbound closes every live inbound connection (shutdown).
 func (p *Proxy) closeInbound(reason string) {
 	p.mu.Lock()
-	all := make([]*liveConn, 0, len(p.live))
-	for c := range p.live {
-		all = append(all, c)
-	}
+	all := slices.Collect(maps.Keys(p.live))
 	p.mu.Unlock()
 	for _, c := range all {
 		c.close(reason)

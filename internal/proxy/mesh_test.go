@@ -25,6 +25,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/socks5"
 	"github.com/ambitmesh/ambit/internal/telemetry"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/workload"
 )
 
@@ -127,7 +128,7 @@ func newMesh(t *testing.T, serverExtra, extra string) *mesh {
 	m.cfg = filepath.Join(t.TempDir(), "mesh.yaml")
 	m.write(m.config(serverExtra, extra))
 	m.appPeers = make(chan string, 100)
-	echoPeers(t, netip.AddrPortFrom(m.serverIP, 8080), m.appPeers)
+	testutil.Echo(t, netip.AddrPortFrom(m.serverIP, 8080).String(), m.appPeers)
 	echoOn(t, netip.AddrPortFrom(m.plainIP, 9000))
 
 	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
@@ -183,37 +184,7 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 }
 
 // echoOn serves TCP echo with half-close on addr until the test ends.
-func echoOn(t *testing.T, addr netip.AddrPort) { echoPeers(t, addr, nil) }
-
-// echoPeers is echoOn that reports each client's address on peers.
-func echoPeers(t *testing.T, addr netip.AddrPort, peers chan<- string) {
-	l, err := net.Listen("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			if peers != nil {
-				peers <- c.RemoteAddr().String()
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-}
+func echoOn(t *testing.T, addr netip.AddrPort) { testutil.Echo(t, addr.String(), nil) }
 
 // socks connects through the client's SOCKS5 port to host:port (host an IP
 // or a name) and returns the connection and the reply code.

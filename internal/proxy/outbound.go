@@ -211,8 +211,8 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 		return
 	}
 	tc.DstWorkload, tc.DstService = r.dstW, r.svc
-	if r.dstW != nil && r.kind == routeHBONE {
-		tc.DstIdentity = r.dstW.Identity()
+	if r.kind == routeHBONE {
+		tc.DstIdentity, tc.DstHBONE, tc.MTLS = r.dstW.Identity(), r.dial, true
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	up, err := p.dialRoute(ctx, src, from, r)
@@ -228,16 +228,10 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 				flag = telemetry.FlagTLSFailure
 			}
 		}
-		if r.kind == routeHBONE {
-			tc.DstHBONE, tc.MTLS = r.dial, true
-		}
 		fail(code, flag, err)
 		return
 	}
 	defer up.Close()
-	if r.kind == routeHBONE {
-		tc.DstHBONE, tc.MTLS = r.dial, true
-	}
 	if reply != nil {
 		local, _ := netip.ParseAddrPort(down.LocalAddr().String())
 		reply(socks5.Succeeded, local)

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
@@ -317,7 +318,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	<-ctx.Done()
 	closeAll()
-	shutCtx, cancel := context.WithTimeout(context.Background(), 5e9)
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = p.server.Shutdown(shutCtx)
 	p.closeInbound("proxy shutting down")

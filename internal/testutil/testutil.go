@@ -1,0 +1,53 @@
+// Package testutil holds helpers that several packages' tests share: real
+// TCP servers on loopback that end with the test.
+package testutil
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+)
+
+// ServeTCP listens on addr (use port 0 for any) and runs serve on each
+// connection in its own goroutine, closing it after, until the test ends.
+func ServeTCP(t testing.TB, addr string, serve func(net.Conn)) netip.AddrPort {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				serve(c)
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(l.Addr().String())
+}
+
+// Echo serves TCP echo on addr: it copies back until the client
+// half-closes, then half-closes itself. Each client's address is sent on
+// peers, if not nil.
+func Echo(t testing.TB, addr string, peers chan<- string) netip.AddrPort {
+	return ServeTCP(t, addr, func(c net.Conn) {
+		if peers != nil {
+			peers <- c.RemoteAddr().String()
+		}
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
+}
