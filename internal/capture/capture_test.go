@@ -1,0 +1,247 @@
+package capture
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// testPod builds two namespaces joined by a veth pair, a "pod" (10.250.0.2)
+// and a "peer" (10.250.0.3). The addresses exist only inside them; both
+// namespaces (and so the veth) are deleted when the test ends, pass or fail.
+func testPod(t *testing.T) (pod, peer netns.NsHandle) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: needs root to create network namespaces (CI runs as root)")
+	}
+	tag := fmt.Sprintf("%d", os.Getpid()%100000)
+	mk := func(name string) netns.NsHandle {
+		t.Helper()
+		h, err := newNamedNS(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			h.Close()
+			if err := netns.DeleteNamed(name); err != nil {
+				t.Errorf("delete netns %s: %v", name, err)
+			}
+		})
+		return h
+	}
+	pod = mk("ambit-t" + tag + "-pod")
+	peer = mk("ambit-t" + tag + "-peer")
+
+	host, err := netlink.NewHandle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	a, b := "amb"+tag+"a", "amb"+tag+"b"
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a, Namespace: netlink.NsFd(pod)}, PeerName: b, PeerNamespace: netlink.NsFd(peer)}
+	if err := host.LinkAdd(veth); err != nil {
+		t.Fatalf("veth: %v", err)
+	}
+	setup := func(ns netns.NsHandle, ifname, cidr string) {
+		h, err := netlink.NewHandleAt(ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		for _, n := range []string{"lo", ifname} {
+			l, err := h.LinkByName(n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != "lo" {
+				addr, _ := netlink.ParseAddr(cidr)
+				if err := h.AddrAdd(l, addr); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := h.LinkSetUp(l); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	setup(pod, a, "10.250.0.2/24")
+	setup(peer, b, "10.250.0.3/24")
+	return pod, peer
+}
+
+// newNamedNS creates a named namespace without leaving the calling thread in
+// it (netns.NewNamed moves the thread into the new namespace).
+func newNamedNS(name string) (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return netns.None(), err
+	}
+	defer orig.Close()
+	h, err := netns.NewNamed(name)
+	if serr := netns.Set(orig); serr != nil {
+		runtime.LockOSThread() // never hand a thread stuck in the new namespace back to the runtime
+		return netns.None(), serr
+	}
+	return h, err
+}
+
+// listen opens a listener inside ns.
+func listen(t *testing.T, ns netns.NsHandle, addr string) *net.TCPListener {
+	t.Helper()
+	var l net.Listener
+	if err := Do(ns, func() (err error) { l, err = net.Listen("tcp", addr); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l.(*net.TCPListener)
+}
+
+// dial connects from inside ns, optionally with the proxy's mark.
+func dial(t *testing.T, ns netns.NsHandle, addr string, mark int) error {
+	t.Helper()
+	return Do(ns, func() error {
+		d := net.Dialer{Timeout: 2 * time.Second}
+		if mark != 0 {
+			d.Control = func(_, _ string, c syscall.RawConn) error {
+				var serr error
+				c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+				return serr
+			}
+		}
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { c.Close() })
+		return nil
+	})
+}
+
+// accepted waits briefly for a connection on l and returns its original
+// destination, or ok=false if none came.
+func accepted(t *testing.T, l *net.TCPListener) (orig netip.AddrPort, ok bool) {
+	t.Helper()
+	l.SetDeadline(time.Now().Add(500 * time.Millisecond))
+	c, err := l.AcceptTCP()
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	defer c.Close()
+	raw, _ := c.SyscallConn()
+	raw.Control(func(fd uintptr) {
+		m, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, 80) // SO_ORIGINAL_DST
+		if err == nil {
+			orig = netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Multiaddr[4:8])), uint16(m.Multiaddr[2])<<8|uint16(m.Multiaddr[3]))
+		}
+	})
+	return orig, true
+}
+
+func TestRedirection(t *testing.T) {
+	pod, peer := testPod(t)
+	if err := Install(pod, Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := Installed(pod); !ok || err != nil {
+		t.Fatalf("Installed = %v, %v", ok, err)
+	}
+	out := listen(t, pod, "0.0.0.0:15001")
+	in := listen(t, pod, "0.0.0.0:15006")
+	hbone := listen(t, pod, "0.0.0.0:15008")
+	server := listen(t, peer, "10.250.0.3:8080")
+
+	// 1. The pod's outbound TCP lands on 15001, with its original destination.
+	if err := dial(t, pod, "10.250.0.3:8080", 0); err != nil {
+		t.Fatal(err)
+	}
+	if orig, ok := accepted(t, out); !ok || orig != netip.MustParseAddrPort("10.250.0.3:8080") {
+		t.Fatalf("outbound: captured=%v original=%v", ok, orig)
+	}
+	if _, ok := accepted(t, server); ok {
+		t.Fatal("outbound: the peer got the connection directly")
+	}
+	// 2. The proxy's own (marked) sockets go out untouched.
+	if err := dial(t, pod, "10.250.0.3:8080", 0x539); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := accepted(t, server); !ok {
+		t.Fatal("marked: the peer did not get the proxy's connection")
+	}
+	// 3. Inbound TCP to the pod lands on 15006, with its original destination.
+	if err := dial(t, peer, "10.250.0.2:80", 0); err != nil {
+		t.Fatal(err)
+	}
+	if orig, ok := accepted(t, in); !ok || orig != netip.MustParseAddrPort("10.250.0.2:80") {
+		t.Fatalf("inbound: captured=%v original=%v", ok, orig)
+	}
+	// 4. HBONE (15008) is not redirected.
+	if err := dial(t, peer, "10.250.0.2:15008", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := accepted(t, hbone); !ok {
+		t.Fatal("HBONE: 15008 did not get the connection")
+	}
+	// The policy route for answers from the client's IP is in place.
+	h, _ := netlink.NewHandleAt(pod)
+	defer h.Close()
+	if !hasRule(t, h) {
+		t.Fatal("no ip rule for fwmark 0x111 -> table 100")
+	}
+
+	// 5. Removing the rules sends the pod's next connections direct.
+	if err := Remove(pod, Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := Installed(pod); ok {
+		t.Fatal("table still there after Remove")
+	}
+	if hasRule(t, h) {
+		t.Fatal("ip rule still there after Remove")
+	}
+	if err := dial(t, pod, "10.250.0.3:8080", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := accepted(t, server); !ok {
+		t.Fatal("after Remove: the connection did not go direct")
+	}
+	if _, ok := accepted(t, out); ok {
+		t.Fatal("after Remove: still captured")
+	}
+	// Install twice and Remove twice are fine.
+	if err := Install(pod, Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Install(pod, Config{}); err != nil {
+		t.Fatalf("second Install: %v", err)
+	}
+	if err := Remove(pod, Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Remove(pod, Config{}); err != nil {
+		t.Fatalf("second Remove: %v", err)
+	}
+}
+
+func hasRule(t *testing.T, h *netlink.Handle) bool {
+	rules, err := h.RuleList(unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rules {
+		if r.Table == 100 && r.Mark == 0x111 {
+			return true
+		}
+	}
+	return false
+}
