@@ -1,15 +1,13 @@
 package capture
 
 import (
-	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -20,80 +18,10 @@ import (
 // namespaces (and so the veth) are deleted when the test ends, pass or fail.
 func testPod(t *testing.T) (pod, peer netns.NsHandle) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("SKIP: needs root to create network namespaces (CI runs as root)")
-	}
-	tag := fmt.Sprintf("%d", os.Getpid()%100000)
-	mk := func(name string) netns.NsHandle {
-		t.Helper()
-		h, err := newNamedNS(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			h.Close()
-			if err := netns.DeleteNamed(name); err != nil {
-				t.Errorf("delete netns %s: %v", name, err)
-			}
-		})
-		return h
-	}
-	pod = mk("ambit-t" + tag + "-pod")
-	peer = mk("ambit-t" + tag + "-peer")
-
-	host, err := netlink.NewHandle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer host.Close()
-	a, b := "amb"+tag+"a", "amb"+tag+"b"
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a, Namespace: netlink.NsFd(pod)}, PeerName: b, PeerNamespace: netlink.NsFd(peer)}
-	if err := host.LinkAdd(veth); err != nil {
-		t.Fatalf("veth: %v", err)
-	}
-	setup := func(ns netns.NsHandle, ifname, cidr string) {
-		h, err := netlink.NewHandleAt(ns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer h.Close()
-		for _, n := range []string{"lo", ifname} {
-			l, err := h.LinkByName(n)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if n != "lo" {
-				addr, _ := netlink.ParseAddr(cidr)
-				if err := h.AddrAdd(l, addr); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if err := h.LinkSetUp(l); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	setup(pod, a, "10.250.0.2/24")
-	setup(peer, b, "10.250.0.3/24")
+	pod, _ = testutil.Netns(t)
+	peer, _ = testutil.Netns(t)
+	testutil.Veth(t, pod, peer, "10.250.0.2/24", "10.250.0.3/24")
 	return pod, peer
-}
-
-// newNamedNS creates a named namespace without leaving the calling thread in
-// it (netns.NewNamed moves the thread into the new namespace).
-func newNamedNS(name string) (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return netns.None(), err
-	}
-	defer orig.Close()
-	h, err := netns.NewNamed(name)
-	if serr := netns.Set(orig); serr != nil {
-		runtime.LockOSThread() // never hand a thread stuck in the new namespace back to the runtime
-		return netns.None(), serr
-	}
-	return h, err
 }
 
 // listen opens a listener inside ns.

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/capture"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
@@ -145,6 +146,16 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 // (CAP_NET_ADMIN) and capture's routing. Where it is not, the proxy
 // connects from its own address and says so once.
 func (p *Proxy) dialApp(ctx context.Context, client netip.Addr, target netip.AddrPort) (*net.TCPConn, error) {
+	if pd := p.podAt(target.Addr()); pd != nil {
+		// In the pod's namespace, marked and transparent: the app sees the
+		// client's IP, and capture routes its answers back to us.
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: markAndTransparent}
+		var c net.Conn
+		if err := capture.Do(pd.ns, func() (err error) { c, err = d.DialContext(ctx, "tcp", target.String()); return }); err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}
 	if client.IsValid() && client != target.Addr() && client.Is4() == target.Addr().Is4() {
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: transparent}
 		c, err := d.DialContext(ctx, "tcp", target.String())

@@ -277,23 +277,23 @@ func (p *Proxy) dialRoute(ctx context.Context, src *workload.Workload, from neti
 		}
 		return st, nil
 	default:
-		var d net.Dialer
-		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(p.sourceIP(src), 0))
-		c, err := d.DialContext(ctx, "tcp", r.dial.String())
+		c, err := p.dialFrom(ctx, p.sourceIP(src), r.dial)
 		if err != nil {
 			return nil, err
 		}
-		tcp := c.(*net.TCPConn)
-		return tcp, nil
+		return c.(*net.TCPConn), nil
 	}
 }
 
-// sourceIP is the address the proxy dials from: the source workload's, in
-// dedicated mode (the listeners' own IP); the OS's choice otherwise until
-// capture makes the pod's own IP usable.
+// sourceIP is the address the proxy dials from: the workload's own, in
+// dedicated mode (the listeners' IP) or for an enrolled pod (from inside its
+// namespace); otherwise the OS's choice.
 func (p *Proxy) sourceIP(src *workload.Workload) netip.Addr {
 	if w := p.self.Load(); w != nil {
 		return w.IPs[0]
+	}
+	if p.podAt(src.IPs[0]) != nil {
+		return src.IPs[0]
 	}
 	return netip.Addr{}
 }

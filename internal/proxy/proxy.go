@@ -93,6 +93,7 @@ type Proxy struct {
 	rnd   *rand.Rand
 
 	mu      sync.Mutex
+	pods    map[netip.Addr]*pod // enrolled pods by IP (in-pod capture)
 	live    map[*liveConn]struct{}
 	tracked map[identity.ID]bool
 	warned  sync.Once // the dedicated-mode source-IP fallback, said once
@@ -125,6 +126,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 		alog:    opts.AccessLog,
 		rnd:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		live:    map[*liveConn]struct{}{},
+		pods:    map[netip.Addr]*pod{},
 		tracked: map[identity.ID]bool{},
 	}
 	if p.log == nil {
@@ -136,7 +138,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 	if err := p.SetIndex(ix); err != nil {
 		return nil, err
 	}
-	p.dialer = &hbone.Dialer{Certs: opts.Certs, Config: opts.HBONE, Log: p.log}
+	p.dialer = &hbone.Dialer{Certs: opts.Certs, Config: opts.HBONE, Log: p.log, DialTCP: p.dialFrom}
 	p.server = &hbone.Server{
 		GetCertificate: p.certificateFor,
 		Handler:        hbone.HandlerFunc(p.serveHBONE),
@@ -318,6 +320,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	<-ctx.Done()
 	closeAll()
+	p.removeAllPods()
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = p.server.Shutdown(shutCtx)

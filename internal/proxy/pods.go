@@ -1,0 +1,167 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"github.com/ambitmesh/ambit/internal/capture"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// ProxyMark is SO_MARK on every socket the proxy opens in a pod's
+// namespace, so capture lets it pass.
+const ProxyMark = 0x539
+
+// pod is a workload enrolled in in-pod capture: the proxy listens inside
+// its namespace and opens its connections from there.
+type pod struct {
+	uid       string
+	ip        netip.Addr
+	ns        netns.NsHandle
+	listeners []net.Listener
+}
+
+// AddPod enrolls a local workload whose network namespace has capture
+// installed: 15001, 15006 and 15008 open inside it. The proxy keeps its own
+// copy of ns; the caller may close its handle.
+func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
+	ix := p.index.Load()
+	w := ix.WorkloadByUID(uid)
+	if w == nil || !p.isLocal(w) {
+		return fmt.Errorf("proxy: add pod %s: not a workload of this node", uid)
+	}
+	dup, err := unix.Dup(int(ns))
+	if err != nil {
+		return fmt.Errorf("proxy: add pod %s: %w", uid, err)
+	}
+	pd := &pod{uid: uid, ip: w.IPs[0], ns: netns.NsHandle(dup)}
+	type spec struct {
+		port  uint16
+		serve func(net.Listener)
+	}
+	specs := []spec{
+		{p.ports.Outbound, p.serveCaptured},
+		{p.ports.Inbound, p.servePlaintextInbound},
+		{p.ports.HBONE, func(l net.Listener) { _ = p.server.Serve(l) }},
+	}
+	err = capture.Do(pd.ns, func() error {
+		lc := net.ListenConfig{Control: markAndTransparent}
+		for _, s := range specs {
+			l, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("0.0.0.0:%d", s.port))
+			if err != nil {
+				return fmt.Errorf("listen on %d in the pod: %w", s.port, err)
+			}
+			pd.listeners = append(pd.listeners, l)
+		}
+		return nil
+	})
+	if err != nil {
+		pd.close()
+		return fmt.Errorf("proxy: add pod %s: %w", uid, err)
+	}
+	p.mu.Lock()
+	if old := p.pods[pd.ip]; old != nil {
+		old.close()
+	}
+	p.pods[pd.ip] = pd
+	p.mu.Unlock()
+	for i, s := range specs {
+		l := pd.listeners[i]
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			s.serve(l)
+		}()
+	}
+	p.log.Info("pod enrolled", "uid", uid, "ip", pd.ip.String())
+	return nil
+}
+
+// RemovePod closes a pod's listeners; its connections in flight finish.
+func (p *Proxy) RemovePod(uid string) error {
+	p.mu.Lock()
+	var found *pod
+	for ip, pd := range p.pods {
+		if pd.uid == uid {
+			found = pd
+			delete(p.pods, ip)
+		}
+	}
+	p.mu.Unlock()
+	if found == nil {
+		return fmt.Errorf("proxy: remove pod %s: not enrolled", uid)
+	}
+	found.close()
+	p.log.Info("pod removed", "uid", uid)
+	return nil
+}
+
+func (pd *pod) close() {
+	for _, l := range pd.listeners {
+		l.Close()
+	}
+	pd.ns.Close()
+}
+
+func (p *Proxy) removeAllPods() {
+	p.mu.Lock()
+	pods := p.pods
+	p.pods = map[netip.Addr]*pod{}
+	p.mu.Unlock()
+	for _, pd := range pods {
+		pd.close()
+	}
+}
+
+func (p *Proxy) podAt(ip netip.Addr) *pod {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pods[ip]
+}
+
+// dialFrom opens a TCP connection from src: inside src's pod namespace,
+// marked, when src is an enrolled pod; otherwise a plain dial bound to src
+// (if set).
+func (p *Proxy) dialFrom(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	d := net.Dialer{}
+	if src.IsValid() {
+		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+	}
+	pd := p.podAt(src)
+	if pd == nil {
+		return d.DialContext(ctx, "tcp", dst.String())
+	}
+	d.Control = markAndTransparent
+	var c net.Conn
+	err := capture.Do(pd.ns, func() (err error) {
+		c, err = d.DialContext(ctx, "tcp", dst.String())
+		return err
+	})
+	return c, err
+}
+
+// markAndTransparent marks a socket as the proxy's and lets it use a
+// non-local source address (the client's IP, on the way in). Both need
+// CAP_NET_ADMIN; without it the socket is refused.
+func markAndTransparent(network, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, ProxyMark); serr != nil {
+			serr = fmt.Errorf("SO_MARK: %w", serr)
+			return
+		}
+		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+		if len(network) > 0 && network[len(network)-1] == '6' {
+			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+		}
+		if serr = unix.SetsockoptInt(int(fd), level, opt, 1); serr != nil {
+			serr = fmt.Errorf("IP_TRANSPARENT: %w", serr)
+		}
+	})
+	return errors.Join(err, serr)
+}

@@ -1,0 +1,113 @@
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+var nsSeq atomic.Int32
+
+// NeedRoot skips a test that needs root, saying so. CI runs as root, so
+// there it never skips.
+func NeedRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: needs root to create network namespaces (CI runs as root)")
+	}
+}
+
+// Netns creates a named network namespace with lo up, deleted when the test
+// ends, pass or fail. The calling thread does not stay in it.
+func Netns(t testing.TB) (netns.NsHandle, string) {
+	t.Helper()
+	NeedRoot(t)
+	name := fmt.Sprintf("ambit-t%d-%d", os.Getpid()%100000, nsSeq.Add(1))
+	h, err := newNamed(name)
+	if err != nil {
+		t.Fatalf("netns %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		h.Close()
+		if err := netns.DeleteNamed(name); err != nil {
+			t.Errorf("delete netns %s: %v", name, err)
+		}
+	})
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	lo, err := nl.LinkByName("lo")
+	if err == nil {
+		err = nl.LinkSetUp(lo)
+	}
+	if err != nil {
+		t.Fatalf("lo up in %s: %v", name, err)
+	}
+	return h, name
+}
+
+func newNamed(name string) (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return netns.None(), err
+	}
+	defer orig.Close()
+	h, err := netns.NewNamed(name) // moves this thread into the new namespace
+	if serr := netns.Set(orig); serr != nil {
+		runtime.LockOSThread() // a thread stuck in the new namespace must die with this goroutine
+		return netns.None(), serr
+	}
+	return h, err
+}
+
+// Veth joins two namespaces with a veth pair and gives each end an address
+// (CIDR form, e.g. "10.250.0.2/24"). The pair goes with the namespaces.
+func Veth(t testing.TB, a, b netns.NsHandle, aCIDR, bCIDR string) {
+	t.Helper()
+	host, err := netlink.NewHandle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	n := nsSeq.Add(1)
+	an, bn := fmt.Sprintf("amb%da", n), fmt.Sprintf("amb%db", n)
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: an, Namespace: netlink.NsFd(a)}, PeerName: bn, PeerNamespace: netlink.NsFd(b)}
+	if err := host.LinkAdd(veth); err != nil {
+		t.Fatalf("veth: %v", err)
+	}
+	for _, end := range []struct {
+		ns   netns.NsHandle
+		name string
+		cidr string
+	}{{a, an, aCIDR}, {b, bn, bCIDR}} {
+		h, err := netlink.NewHandleAt(end.ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := h.LinkByName(end.name)
+		if err != nil {
+			h.Close()
+			t.Fatal(err)
+		}
+		addr, err := netlink.ParseAddr(end.cidr)
+		if err == nil {
+			err = h.AddrAdd(l, addr)
+		}
+		if err == nil {
+			err = h.LinkSetUp(l)
+		}
+		h.Close()
+		if err != nil {
+			t.Fatalf("veth %s %s: %v", end.name, end.cidr, err)
+		}
+	}
+}
