@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -232,30 +231,6 @@ func removeRoutesWith(h *netlink.Handle, cfg Config) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// Do runs f with the calling goroutine's thread inside ns. Sockets f
-// creates belong to ns for good, and may be used from any goroutine after.
-// Do not start goroutines in f expecting them to be in ns: they are not.
-func Do(ns netns.NsHandle, f func() error) error {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return fmt.Errorf("capture: current netns: %w", err)
-	}
-	defer orig.Close()
-	if err := netns.Set(ns); err != nil {
-		return fmt.Errorf("capture: enter netns: %w", err)
-	}
-	ferr := f()
-	if err := netns.Set(orig); err != nil {
-		// The thread is stuck in ns; it must not serve other goroutines.
-		// Leaving it locked makes the runtime end it with this goroutine.
-		runtime.LockOSThread()
-		return errors.Join(ferr, fmt.Errorf("capture: leave netns: %w", err))
-	}
-	return ferr
 }
 
 // --- nftables expressions ---

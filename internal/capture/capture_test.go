@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -28,7 +29,7 @@ func testPod(t *testing.T) (pod, peer netns.NsHandle) {
 func listen(t *testing.T, ns netns.NsHandle, addr string) *net.TCPListener {
 	t.Helper()
 	var l net.Listener
-	if err := Do(ns, func() (err error) { l, err = net.Listen("tcp", addr); return }); err != nil {
+	if err := nsutil.Do(ns, func() (err error) { l, err = net.Listen("tcp", addr); return }); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
@@ -38,7 +39,7 @@ func listen(t *testing.T, ns netns.NsHandle, addr string) *net.TCPListener {
 // dial connects from inside ns, optionally with the proxy's mark.
 func dial(t *testing.T, ns netns.NsHandle, addr string, mark int) error {
 	t.Helper()
-	return Do(ns, func() error {
+	return nsutil.Do(ns, func() error {
 		d := net.Dialer{Timeout: 2 * time.Second}
 		if mark != 0 {
 			d.Control = func(_, _ string, c syscall.RawConn) error {

@@ -5,10 +5,8 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"reflect"
@@ -205,21 +203,12 @@ func Load(path string) (*workload.Index, error) {
 
 // Parse checks a config document (name is used in errors) and builds its index.
 func Parse(name string, data []byte) (*workload.Index, error) {
-	var root yaml.Node
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(&root); err != nil {
-		if errors.Is(err, io.EOF) {
-			return workload.Empty(), nil // an empty file is an empty mesh
-		}
-		return nil, &Error{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+	doc, err := parseDocument(name, data)
+	if err != nil {
+		return nil, err
 	}
-	var extra yaml.Node
-	if dec.Decode(&extra) == nil {
-		return nil, &Error{File: name, Line: extra.Line, Column: extra.Column, Msg: "more than one YAML document"}
-	}
-	doc := &root
-	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
-		doc = doc.Content[0]
+	if doc == nil {
+		return workload.Empty(), nil // an empty file is an empty mesh
 	}
 	var f File
 	d := &decoder{file: name}

@@ -1,7 +1,10 @@
 package config
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"io"
 	"math"
 	"reflect"
 	"slices"
@@ -201,4 +204,38 @@ func maxUint(v reflect.Value) uint64 {
 		return math.MaxUint32
 	}
 	return math.MaxUint64
+}
+
+// Decode reads one YAML document into v (a pointer to a struct with yaml
+// tags) strictly: unknown or repeated fields and wrong kinds are errors
+// that name the file, line and field. Other file formats of Ambit (the lab
+// topology) use it so every file is checked the same way.
+func Decode(name string, data []byte, v any) error {
+	doc, err := parseDocument(name, data)
+	if err != nil || doc == nil {
+		return err
+	}
+	d := &decoder{file: name}
+	return d.decode(doc, reflect.ValueOf(v).Elem(), "")
+}
+
+// parseDocument returns the single document's root node, or nil for an empty file.
+func parseDocument(name string, data []byte) (*yaml.Node, error) {
+	var root yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&root); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, nil
+		}
+		return nil, &Error{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+	var extra yaml.Node
+	if dec.Decode(&extra) == nil {
+		return nil, &Error{File: name, Line: extra.Line, Column: extra.Column, Msg: "more than one YAML document"}
+	}
+	doc := &root
+	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
+		doc = doc.Content[0]
+	}
+	return doc, nil
 }

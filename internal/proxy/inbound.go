@@ -15,9 +15,9 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
-	"github.com/ambitmesh/ambit/internal/capture"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -151,7 +151,7 @@ func (p *Proxy) dialApp(ctx context.Context, client netip.Addr, target netip.Add
 		// client's IP, and capture routes its answers back to us.
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: markAndTransparent}
 		var c net.Conn
-		if err := capture.Do(pd.ns, func() (err error) { c, err = d.DialContext(ctx, "tcp", target.String()); return }); err != nil {
+		if err := nsutil.Do(pd.ns, func() (err error) { c, err = d.DialContext(ctx, "tcp", target.String()); return }); err != nil {
 			return nil, err
 		}
 		return c.(*net.TCPConn), nil

@@ -15,6 +15,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/capture"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/vishvananda/netns"
@@ -69,7 +70,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 
 	// The server pod's app: an echo server that reports who called.
 	var app net.Listener
-	if err := capture.Do(serverNS, func() (err error) { app, err = net.Listen("tcp", "10.250.9.3:80"); return }); err != nil {
+	if err := nsutil.Do(serverNS, func() (err error) { app, err = net.Listen("tcp", "10.250.9.3:80"); return }); err != nil {
 		t.Fatal(err)
 	}
 	defer app.Close()
@@ -88,7 +89,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	// The client pod's app: an ordinary connection to the server pod.
 	request := []byte("GET / HTTP/1.1\r\nHost: 10.250.9.3\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\n\r\n")
 	var c net.Conn
-	if err := capture.Do(clientNS, func() (err error) {
+	if err := nsutil.Do(clientNS, func() (err error) {
 		c, err = net.DialTimeout("tcp", "10.250.9.3:80", 5*time.Second)
 		return err
 	}); err != nil {
@@ -129,7 +130,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := strings.Count(lb.String(), "connection complete")
-	if err := capture.Do(clientNS, func() (err error) {
+	if err := nsutil.Do(clientNS, func() (err error) {
 		c, err = net.DialTimeout("tcp", "10.250.9.3:80", 5*time.Second)
 		return err
 	}); err != nil {

@@ -8,7 +8,7 @@ import (
 	"net/netip"
 	"syscall"
 
-	"github.com/ambitmesh/ambit/internal/capture"
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -49,7 +49,7 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 		{p.ports.Inbound, p.servePlaintextInbound},
 		{p.ports.HBONE, func(l net.Listener) { _ = p.server.Serve(l) }},
 	}
-	err = capture.Do(pd.ns, func() error {
+	err = nsutil.Do(pd.ns, func() error {
 		lc := net.ListenConfig{Control: markAndTransparent}
 		for _, s := range specs {
 			l, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("0.0.0.0:%d", s.port))
@@ -138,7 +138,7 @@ func (p *Proxy) dialFrom(ctx context.Context, src netip.Addr, dst netip.AddrPort
 	}
 	d.Control = markAndTransparent
 	var c net.Conn
-	err := capture.Do(pd.ns, func() (err error) {
+	err := nsutil.Do(pd.ns, func() (err error) {
 		c, err = d.DialContext(ctx, "tcp", dst.String())
 		return err
 	})

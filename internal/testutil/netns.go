@@ -3,10 +3,10 @@ package testutil
 import (
 	"fmt"
 	"os"
-	"runtime"
 	"sync/atomic"
 	"testing"
 
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -28,7 +28,7 @@ func Netns(t testing.TB) (netns.NsHandle, string) {
 	t.Helper()
 	NeedRoot(t)
 	name := fmt.Sprintf("ambit-t%d-%d", os.Getpid()%100000, nsSeq.Add(1))
-	h, err := newNamed(name)
+	h, err := nsutil.NewNamed(name)
 	if err != nil {
 		t.Fatalf("netns %s: %v", name, err)
 	}
@@ -51,22 +51,6 @@ func Netns(t testing.TB) (netns.NsHandle, string) {
 		t.Fatalf("lo up in %s: %v", name, err)
 	}
 	return h, name
-}
-
-func newNamed(name string) (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return netns.None(), err
-	}
-	defer orig.Close()
-	h, err := netns.NewNamed(name) // moves this thread into the new namespace
-	if serr := netns.Set(orig); serr != nil {
-		runtime.LockOSThread() // a thread stuck in the new namespace must die with this goroutine
-		return netns.None(), serr
-	}
-	return h, err
 }
 
 // Veth joins two namespaces with a veth pair and gives each end an address

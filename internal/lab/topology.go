@@ -1,0 +1,197 @@
+// Package lab builds a small cluster on one Linux machine out of network
+// namespaces: a namespace per node and per pod, pods joined to their node
+// by veth and a bridge, nodes joined by an underlay "wire". Every address
+// lives inside the lab's own namespaces; nothing in the host's namespace
+// changes, and Down removes all of it.
+package lab
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+
+	"github.com/ambitmesh/ambit/internal/config"
+)
+
+// Topology is what the lab file describes.
+type Topology struct {
+	Name  string `yaml:"name"`  // prefix of every namespace; default "seed"
+	Nodes []Node `yaml:"nodes"` // at least one
+	Pods  []Pod  `yaml:"pods"`
+}
+
+// Node is a machine of the cluster.
+type Node struct {
+	Name    string `yaml:"name"`
+	PodCIDR string `yaml:"podCIDR"` // e.g. 10.244.0.0/24; the node takes its first address
+
+	cidr netip.Prefix
+}
+
+// Pod is a workload's network namespace on a node.
+type Pod struct {
+	Name           string            `yaml:"name"`
+	Node           string            `yaml:"node"`
+	IP             string            `yaml:"ip"`
+	Namespace      string            `yaml:"namespace"`      // default "default"
+	ServiceAccount string            `yaml:"serviceAccount"` // default "default"
+	Labels         map[string]string `yaml:"labels"`
+	Mesh           *bool             `yaml:"mesh"` // in the mesh (captured); default true
+	Serve          *Server           `yaml:"serve"`
+
+	ip netip.Addr
+}
+
+// Server is a built-in server the lab runs in a pod.
+type Server struct {
+	Protocol string `yaml:"protocol"` // http or tcp-echo
+	Port     uint16 `yaml:"port"`
+}
+
+// InMesh reports whether the pod is captured.
+func (p *Pod) InMesh() bool { return p.Mesh == nil || *p.Mesh }
+
+// Addr is the pod's IP.
+func (p *Pod) Addr() netip.Addr { return p.ip }
+
+// Prefix is the node's pod CIDR.
+func (n *Node) Prefix() netip.Prefix { return n.cidr }
+
+// Gateway is the node's address in its pod CIDR (the pods' default route).
+func (n *Node) Gateway() netip.Addr { return n.cidr.Addr().Next() }
+
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+
+// LoadTopology reads a topology file.
+func LoadTopology(path string) (*Topology, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	return ParseTopology(path, data)
+}
+
+// ParseTopology checks a topology document.
+func ParseTopology(name string, data []byte) (*Topology, error) {
+	var t Topology
+	if err := config.Decode(name, data, &t); err != nil {
+		return nil, err
+	}
+	if err := t.validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return &t, nil
+}
+
+func (t *Topology) validate() error {
+	if t.Name == "" {
+		t.Name = "seed"
+	}
+	if !dnsLabel.MatchString(t.Name) || len(t.Name) > 12 {
+		return fmt.Errorf("name %q: want a short lower-case name (at most 12 of a-z, 0-9, -)", t.Name)
+	}
+	if len(t.Nodes) == 0 {
+		return fmt.Errorf("nodes: at least one node")
+	}
+	if len(t.Nodes) > 200 {
+		return fmt.Errorf("nodes: at most 200")
+	}
+	nodes := map[string]*Node{}
+	for i := range t.Nodes {
+		n := &t.Nodes[i]
+		if !dnsLabel.MatchString(n.Name) {
+			return fmt.Errorf("nodes[%d].name %q: want a DNS label", i, n.Name)
+		}
+		if nodes[n.Name] != nil {
+			return fmt.Errorf("nodes[%d].name: node %q defined twice", i, n.Name)
+		}
+		p, err := netip.ParsePrefix(n.PodCIDR)
+		if err != nil || !p.Addr().Is4() || p.Bits() > 30 || p.Masked() != p {
+			return fmt.Errorf("nodes[%d].podCIDR %q: want an IPv4 network such as 10.244.0.0/24", i, n.PodCIDR)
+		}
+		for _, o := range t.Nodes[:i] {
+			if o.cidr.Overlaps(p) {
+				return fmt.Errorf("nodes[%d].podCIDR %s overlaps node %s's %s", i, p, o.Name, o.cidr)
+			}
+		}
+		n.cidr = p
+		nodes[n.Name] = n
+	}
+	pods := map[string]bool{}
+	ips := map[netip.Addr]string{}
+	for i := range t.Pods {
+		p := &t.Pods[i]
+		if !dnsLabel.MatchString(p.Name) || len(p.Name) > 20 {
+			return fmt.Errorf("pods[%d].name %q: want a DNS label of at most 20 characters", i, p.Name)
+		}
+		if pods[p.Name] {
+			return fmt.Errorf("pods[%d].name: pod %q defined twice", i, p.Name)
+		}
+		pods[p.Name] = true
+		n := nodes[p.Node]
+		if n == nil {
+			return fmt.Errorf("pods[%d].node: no node %q", i, p.Node)
+		}
+		ip, err := netip.ParseAddr(p.IP)
+		if err != nil || !n.cidr.Contains(ip) || ip == n.cidr.Addr() || ip == n.Gateway() {
+			return fmt.Errorf("pods[%d].ip %q: want an address in node %s's %s other than the network and gateway", i, p.IP, n.Name, n.cidr)
+		}
+		if other, dup := ips[ip]; dup {
+			return fmt.Errorf("pods[%d].ip %s: already pod %s's", i, ip, other)
+		}
+		ips[ip] = p.Name
+		p.ip = ip
+		if p.Namespace == "" {
+			p.Namespace = "default"
+		}
+		if p.ServiceAccount == "" {
+			p.ServiceAccount = "default"
+		}
+		if s := p.Serve; s != nil {
+			if s.Protocol != "http" && s.Protocol != "tcp-echo" {
+				return fmt.Errorf("pods[%d].serve.protocol %q: want http or tcp-echo", i, s.Protocol)
+			}
+			if s.Port == 0 {
+				return fmt.Errorf("pods[%d].serve.port: required", i)
+			}
+		}
+	}
+	return nil
+}
+
+// Pod finds a pod by name.
+func (t *Topology) Pod(name string) *Pod {
+	for i := range t.Pods {
+		if t.Pods[i].Name == name {
+			return &t.Pods[i]
+		}
+	}
+	return nil
+}
+
+// Node finds a node by name.
+func (t *Topology) Node(name string) *Node {
+	for i := range t.Nodes {
+		if t.Nodes[i].Name == name {
+			return &t.Nodes[i]
+		}
+	}
+	return nil
+}
+
+// Namespace names, all under the lab's prefix so Down finds them.
+func (t *Topology) prefix() string         { return "ambit-" + t.Name + "-" }
+func (t *Topology) wireNS() string         { return t.prefix() + "wire" }
+func (t *Topology) nodeNS(n string) string { return t.prefix() + "node-" + n }
+func (t *Topology) podNS(p string) string  { return t.prefix() + "pod-" + p }
+
+// NodeNamespace and PodNamespace are the names of the namespaces, for
+// `ip netns exec` and the like.
+func (t *Topology) NodeNamespace(node string) string { return t.nodeNS(node) }
+func (t *Topology) PodNamespace(pod string) string   { return t.podNS(pod) }
+
+// underlay is node i's address on the wire (the nodes' own network).
+func underlay(i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 30, byte((i + 1) >> 8), byte((i + 1) & 0xff)}), 16)
+}
