@@ -196,15 +196,16 @@ func setupPod(t *Topology, p *Pod, pod, node netns.NsHandle) error {
 // Down removes every namespace of the lab named name (and with them every
 // link and rule inside). It is safe to call when nothing is there.
 func Down(name string) error {
+	stopErr := stopAll(name)
 	prefix := "ambit-" + name + "-"
 	entries, err := os.ReadDir(netnsDir)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		return stopErr
 	}
 	if err != nil {
 		return fmt.Errorf("lab down: %w", err)
 	}
-	var errs []error
+	errs := []error{stopErr}
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), prefix) {
 			if err := netns.DeleteNamed(e.Name()); err != nil {
@@ -212,6 +213,7 @@ func Down(name string) error {
 			}
 		}
 	}
+	os.RemoveAll(StateDir(name))
 	return errors.Join(errs...)
 }
 

@@ -154,3 +154,14 @@ func TestUpDownSeed(t *testing.T) {
 		t.Fatalf("second up over a live lab: %v", err)
 	}
 }
+
+// The embedded default is the file shipped in examples/, byte for byte.
+func TestDefaultTopologyIsTheExample(t *testing.T) {
+	ex, err := os.ReadFile("../../examples/seed-lab.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(ex) != string(DefaultTopology) {
+		t.Fatal("internal/lab/seed.yaml and examples/seed-lab.yaml differ: copy the example over")
+	}
+}

@@ -6,6 +6,7 @@
 package lab
 
 import (
+	_ "embed"
 	"fmt"
 	"net/netip"
 	"os"
@@ -195,3 +196,8 @@ func (t *Topology) PodNamespace(pod string) string   { return t.podNS(pod) }
 func underlay(i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 30, byte((i + 1) >> 8), byte((i + 1) & 0xff)}), 16)
 }
+
+// DefaultTopology is the seed's cluster, the same as examples/seed-lab.yaml.
+//
+//go:embed seed.yaml
+var DefaultTopology []byte

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/ambitmesh/ambit/internal/lab"
+	"github.com/spf13/cobra"
+)
+
+func newLabCmd() *cobra.Command {
+	var name string
+	cmd := &cobra.Command{
+		Use:   "lab",
+		Short: "A cluster of network namespaces on this machine: nodes, pods, the wire between them",
+	}
+	cmd.PersistentFlags().StringVar(&name, "name", "seed", "the lab's name (prefix of its namespaces)")
+
+	var file string
+	up := &cobra.Command{
+		Use:   "up [-f topology.yaml]",
+		Short: "Build the lab (default: the seed's two nodes, client and server pods)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			topo, err := loadTopology(file)
+			if err != nil {
+				return err
+			}
+			if cmd.Flags().Changed("name") {
+				topo.Name = name
+			}
+			if err := lab.Up(topo); err != nil {
+				return err
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			for _, n := range topo.Nodes {
+				fmt.Fprintf(out, "node %-10s pods %s  (netns %s)\n", n.Name, n.PodCIDR, topo.NodeNamespace(n.Name))
+			}
+			for _, p := range topo.Pods {
+				fmt.Fprintf(out, "pod  %-10s %s on %s  (netns %s)\n", p.Name, p.IP, p.Node, topo.PodNamespace(p.Name))
+				if s := p.Serve; s != nil {
+					argv := []string{self, "lab", "serve", "--protocol", s.Protocol, "--port", strconv.Itoa(int(s.Port))}
+					if _, err := lab.Start(topo.Name, topo.PodNamespace(p.Name), "serve-"+p.Name, self, argv); err != nil {
+						_ = lab.Down(topo.Name)
+						return err
+					}
+					fmt.Fprintf(out, "     %-10s serves %s on :%d\n", "", s.Protocol, s.Port)
+				}
+			}
+			fmt.Fprintf(out, "\nlab %q is up. Try: ambit lab exec client -- curl -s http://10.244.1.3/\nTake it down with: ambit lab down\n", topo.Name)
+			return nil
+		},
+	}
+	up.Flags().StringVarP(&file, "file", "f", "", "topology file (default: the seed's, examples/seed-lab.yaml)")
+
+	down := &cobra.Command{
+		Use:   "down",
+		Short: "Remove the lab: its processes, namespaces, links and rules",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return fmt.Errorf("lab down: removing network namespaces needs root")
+			}
+			if err := lab.Down(name); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "lab %q is down\n", name)
+			return nil
+		},
+	}
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "List the lab's namespaces and addresses",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			lines, err := lab.Status(name)
+			if err != nil {
+				return err
+			}
+			if len(lines) == 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "lab %q is not up\n", name)
+				return nil
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), strings.Join(lines, "\n"))
+			return nil
+		},
+	}
+	exec := &cobra.Command{
+		Use:   "exec POD|node/NODE -- COMMAND [ARGS...]",
+		Short: "Run a command inside a pod's (or a node's) network namespace",
+		Args:  cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			target := args[0]
+			ns := "ambit-" + name + "-pod-" + target
+			if node, ok := strings.CutPrefix(target, "node/"); ok {
+				ns = "ambit-" + name + "-node-" + node
+			}
+			return lab.ExecIn(ns, args[1:])
+		},
+	}
+	nsexec := &cobra.Command{
+		Use:    "nsexec NETNS -- COMMAND [ARGS...]",
+		Hidden: true, // how lab up starts processes inside namespaces
+		Args:   cobra.MinimumNArgs(2),
+		RunE:   func(cmd *cobra.Command, args []string) error { return lab.ExecIn(args[0], args[1:]) },
+	}
+	var proto string
+	var port int
+	serve := &cobra.Command{
+		Use:    "serve --protocol http|tcp-echo --port N",
+		Short:  "Run a pod's built-in server (lab up starts these inside pods)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if port < 1 || port > 65535 {
+				return fmt.Errorf("--port %d: out of range", port)
+			}
+			return lab.Serve(cmd.Context(), proto, uint16(port), slog.New(slog.NewTextHandler(os.Stderr, nil)))
+		},
+	}
+	serve.Flags().StringVar(&proto, "protocol", "http", "http or tcp-echo")
+	serve.Flags().IntVar(&port, "port", 80, "port to listen on")
+	cmd.AddCommand(up, down, status, exec, nsexec, serve)
+	return cmd
+}
+
+func loadTopology(file string) (*lab.Topology, error) {
+	if file == "" {
+		return lab.ParseTopology("default seed topology", lab.DefaultTopology)
+	}
+	return lab.LoadTopology(file)
+}
