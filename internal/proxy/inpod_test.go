@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,10 +16,12 @@ import (
 	"github.com/ambitmesh/ambit/internal/capture"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/nodeagent"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/testutil"
-	"github.com/vishvananda/netns"
+	"github.com/ambitmesh/ambit/internal/zds"
+	"istio.io/istio/pkg/zdsapi"
 )
 
 // The seed's path with in-pod capture: a client pod's plain TCP connection
@@ -27,14 +30,9 @@ import (
 // the client's IP. One shared proxy serves both pods here; the lab splits
 // them across nodes.
 func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
-	clientNS, _ := testutil.Netns(t)
-	serverNS, _ := testutil.Netns(t)
+	clientNS, clientName := testutil.Netns(t)
+	serverNS, serverName := testutil.Netns(t)
 	testutil.Veth(t, clientNS, serverNS, "10.250.9.2/24", "10.250.9.3/24")
-	for _, ns := range []netns.NsHandle{clientNS, serverNS} {
-		if err := capture.Install(ns, capture.Config{}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	doc := `workloads:
 - {uid: seed//client, name: client, namespace: default, serviceAccount: default, workloadIps: ["10.250.9.2"], protocol: HBONE, node: master}
 - {uid: seed//server, name: server, namespace: default, serviceAccount: default, workloadIps: ["10.250.9.3"], protocol: HBONE, node: master}
@@ -61,11 +59,35 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	go func() { p.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	waitFor(t, "readiness", func() bool { ok, _ := p.Ready(); return ok })
-	if err := p.AddPod("seed//client", clientNS); err != nil {
+
+	// Enrollment goes the real way: the node agent installs capture and
+	// hands each namespace to the proxy over the ZDS socket.
+	agent := &nodeagent.Agent{Socket: filepath.Join(t.TempDir(), "zds.sock"), Log: log}
+	zc := &zds.Client{Socket: agent.Socket, Handler: p.ZDS(), Log: log}
+	actx, acancel := context.WithCancel(context.Background())
+	adone := make(chan struct{}, 2)
+	go func() { agent.Serve(actx); adone <- struct{}{} }()
+	go func() { zc.Run(actx); adone <- struct{}{} }()
+	t.Cleanup(func() { acancel(); <-adone; <-adone })
+	// The client pod is enrolled before the proxy connects (it comes in
+	// the snapshot), the server after (an add).
+	if err := agent.Enroll(nodeagent.Pod{UID: "seed//client", Info: &zdsapi.WorkloadInfo{Name: "client", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + clientName}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.AddPod("seed//server", serverNS); err != nil {
+	waitFor(t, "the snapshot", func() bool { return p.podAt(netip.MustParseAddr("10.250.9.2")) != nil })
+	if err := agent.Enroll(nodeagent.Pod{UID: "seed//server", Info: &zdsapi.WorkloadInfo{Name: "server", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + serverName}); err != nil {
 		t.Fatal(err)
+	}
+	if p.podAt(netip.MustParseAddr("10.250.9.3")) == nil {
+		t.Fatal("the server pod was acked but is not served")
+	}
+	// A pod of another node is refused, and its capture rolled back.
+	otherNS, otherName := testutil.Netns(t)
+	if err := agent.Enroll(nodeagent.Pod{UID: "seed//nobody", NSPath: "/run/netns/" + otherName}); err == nil {
+		t.Fatal("the proxy accepted a pod that is not on its node")
+	}
+	if ok, _ := capture.Installed(otherNS); ok {
+		t.Fatal("a refused pod was left captured")
 	}
 
 	// The server pod's app: an echo server that reports who called.
@@ -123,11 +145,11 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 
 	// Taking the client out of the mesh: rules and listeners go; its next
 	// connection goes direct, and the proxy sees nothing of it.
-	if err := p.RemovePod("seed//client"); err != nil {
+	if err := agent.Unenroll("seed//client"); err != nil {
 		t.Fatal(err)
 	}
-	if err := capture.Remove(clientNS, capture.Config{}); err != nil {
-		t.Fatal(err)
+	if p.podAt(netip.MustParseAddr("10.250.9.2")) != nil {
+		t.Fatal("the proxy still serves the unenrolled pod")
 	}
 	before := strings.Count(lb.String(), "connection complete")
 	if err := nsutil.Do(clientNS, func() (err error) {

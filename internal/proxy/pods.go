@@ -9,8 +9,10 @@ import (
 	"syscall"
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"istio.io/istio/pkg/zdsapi"
 )
 
 // ProxyMark is SO_MARK on every socket the proxy opens in a pod's
@@ -40,6 +42,14 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 		return fmt.Errorf("proxy: add pod %s: %w", uid, err)
 	}
 	pd := &pod{uid: uid, ip: w.IPs[0], ns: netns.NsHandle(dup)}
+	// Added again (the agent resends its snapshot when the proxy
+	// reconnects): the old listeners go first, or the new ones could not bind.
+	p.mu.Lock()
+	if old := p.pods[pd.ip]; old != nil {
+		delete(p.pods, pd.ip)
+		old.close()
+	}
+	p.mu.Unlock()
 	type spec struct {
 		port  uint16
 		serve func(net.Listener)
@@ -164,4 +174,37 @@ func markAndTransparent(network, _ string, c syscall.RawConn) error {
 		}
 	})
 	return errors.Join(err, serr)
+}
+
+// ZDS is the proxy as a node agent's client sees it: adds and deletes of
+// pods, and the end of the agent's snapshot.
+func (p *Proxy) ZDS() zds.Handler { return zdsHandler{p} }
+
+type zdsHandler struct{ p *Proxy }
+
+func (h zdsHandler) Add(uid string, _ *zdsapi.WorkloadInfo, ns netns.NsHandle) error {
+	return h.p.AddPod(uid, ns)
+}
+
+// Keep: the agent lost the pod's namespace but the pod lives; if we serve
+// it, we go on.
+func (h zdsHandler) Keep(string) error { return nil }
+
+func (h zdsHandler) Del(uid string) error { return h.p.RemovePod(uid) }
+
+// SnapshotDone removes pods the agent no longer has.
+func (h zdsHandler) SnapshotDone(sent map[string]bool) error {
+	h.p.mu.Lock()
+	var gone []string
+	for _, pd := range h.p.pods {
+		if !sent[pd.uid] {
+			gone = append(gone, pd.uid)
+		}
+	}
+	h.p.mu.Unlock()
+	var errs []error
+	for _, uid := range gone {
+		errs = append(errs, h.p.RemovePod(uid))
+	}
+	return errors.Join(errs...)
 }
