@@ -20,12 +20,13 @@ func newLabCmd() *cobra.Command {
 	cmd.PersistentFlags().StringVar(&name, "name", "seed", "the lab's name (prefix of its namespaces)")
 
 	var file string
+	var noMesh bool
 	up := &cobra.Command{
 		Use:   "up [-f topology.yaml]",
 		Short: "Build the lab (default: the seed's two nodes, client and server pods)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			topo, err := loadTopology(file)
+			topo, data, err := loadTopology(file)
 			if err != nil {
 				return err
 			}
@@ -40,6 +41,10 @@ func newLabCmd() *cobra.Command {
 				return err
 			}
 			out := cmd.OutOrStdout()
+			if err := lab.SaveTopology(topo, data); err != nil {
+				_ = lab.Down(topo.Name)
+				return err
+			}
 			for _, n := range topo.Nodes {
 				fmt.Fprintf(out, "node %-10s pods %s  (netns %s)\n", n.Name, n.PodCIDR, topo.NodeNamespace(n.Name))
 			}
@@ -54,11 +59,18 @@ func newLabCmd() *cobra.Command {
 					fmt.Fprintf(out, "     %-10s serves %s on :%d\n", "", s.Protocol, s.Port)
 				}
 			}
+			if !noMesh {
+				if err := lab.StartMesh(topo, self, out); err != nil {
+					_ = lab.Down(topo.Name)
+					return fmt.Errorf("lab mesh: %w", err)
+				}
+			}
 			fmt.Fprintf(out, "\nlab %q is up. Try: ambit lab exec client -- curl -s http://10.244.1.3/\nTake it down with: ambit lab down\n", topo.Name)
 			return nil
 		},
 	}
 	up.Flags().StringVarP(&file, "file", "f", "", "topology file (default: the seed's, examples/seed-lab.yaml)")
+	up.Flags().BoolVar(&noMesh, "no-mesh", false, "build only the network: no node agents, no proxies")
 
 	down := &cobra.Command{
 		Use:   "down",
@@ -127,13 +139,43 @@ func newLabCmd() *cobra.Command {
 	}
 	serve.Flags().StringVar(&proto, "protocol", "http", "http or tcp-echo")
 	serve.Flags().IntVar(&port, "port", 80, "port to listen on")
-	cmd.AddCommand(up, down, status, exec, nsexec, serve)
+	enroll := &cobra.Command{
+		Use:   "enroll POD",
+		Short: "Put a pod in the mesh (capture on, served by its node's proxy)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			t, err := lab.Current(name)
+			if err != nil {
+				return err
+			}
+			return t.Enroll(args[0])
+		},
+	}
+	unenroll := &cobra.Command{
+		Use:   "unenroll POD",
+		Short: "Take a pod out of the mesh: its next connections go direct",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			t, err := lab.Current(name)
+			if err != nil {
+				return err
+			}
+			return t.Unenroll(args[0])
+		},
+	}
+	cmd.AddCommand(up, down, status, exec, nsexec, serve, enroll, unenroll)
 	return cmd
 }
 
-func loadTopology(file string) (*lab.Topology, error) {
-	if file == "" {
-		return lab.ParseTopology("default seed topology", lab.DefaultTopology)
+func loadTopology(file string) (*lab.Topology, []byte, error) {
+	data, name := lab.DefaultTopology, "default seed topology"
+	if file != "" {
+		var err error
+		if data, err = os.ReadFile(file); err != nil {
+			return nil, nil, err
+		}
+		name = file
 	}
-	return lab.LoadTopology(file)
+	t, err := lab.ParseTopology(name, data)
+	return t, data, err
 }

@@ -13,13 +13,14 @@ import (
 	"github.com/ambitmesh/ambit/internal/proxy"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
+	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/spf13/cobra"
 )
 
 func newProxyCmd() *cobra.Command {
 	var (
-		cfgPath, caDir, wl, node, listenIP, logFormat, logLevel string
-		certTTL                                                 time.Duration
+		cfgPath, caDir, wl, node, listenIP, logFormat, logLevel, zdsSocket string
+		certTTL                                                            time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "proxy --config FILE --ca-dir DIR (--workload NS/NAME | --node NAME)",
@@ -87,10 +88,20 @@ all workloads of a node.`,
 				}
 			}
 			ctx := cmd.Context()
-			done := make(chan struct{})
-			go func() { watcher.Run(ctx); close(done) }()
+			done := make(chan struct{}, 2)
+			go func() { watcher.Run(ctx); done <- struct{}{} }()
+			if zdsSocket != "" {
+				if node == "" {
+					return fmt.Errorf("--zds-socket needs --node: in-pod capture serves a node's pods")
+				}
+				zc := &zds.Client{Socket: zdsSocket, Handler: p.ZDS(), Log: log}
+				go func() { zc.Run(ctx); done <- struct{}{} }()
+			} else {
+				done <- struct{}{}
+			}
 			log.Info("ambit proxy starting", "version", version, "config", cfgPath, "workload", wl, "node", node)
 			err = p.Run(ctx)
+			<-done
 			<-done
 			return err
 		},
@@ -104,5 +115,6 @@ all workloads of a node.`,
 	f.StringVar(&logFormat, "log-format", "text", "log and access-log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error (changeable at runtime on the admin port)")
 	f.DurationVar(&certTTL, "cert-ttl", identity.DefaultCertTTL, "workload certificate lifetime")
+	f.StringVar(&zdsSocket, "zds-socket", "", "shared mode: take pods from the node agent on this ZDS socket (in-pod capture)")
 	return cmd
 }

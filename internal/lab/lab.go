@@ -114,6 +114,13 @@ func setupNode(t *Topology, i int, node, wire netns.NsHandle) error {
 		return fmt.Errorf("wire port: %w", err)
 	}
 	return inNS(node, func(h *netlink.Handle) error {
+		lo, err := h.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		if err := h.LinkSetUp(lo); err != nil {
+			return err
+		}
 		if err := upWithAddr(h, "eth0", underlay(i)); err != nil {
 			return err
 		}

@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/lab"
+	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/testutil"
+	"github.com/vishvananda/netns"
+)
+
+// TestMain lets this test binary stand in for ambit: the lab starts node
+// agents, proxies and servers by running its own executable, which here is
+// the test binary; with AMBIT_TEST_AS_MAIN set it runs main instead of tests.
+func TestMain(m *testing.M) {
+	if os.Getenv("AMBIT_TEST_AS_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Setenv("AMBIT_TEST_AS_MAIN", "1") // for the processes the lab starts
+	os.Exit(m.Run())
+}
+
+// get sends the seed's request from inside a pod and returns the answer.
+func get(t *testing.T, labName, pod, url string) (string, error) {
+	t.Helper()
+	h, err := netns.GetFromName("ambit-" + labName + "-pod-" + pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var body string
+	err = nsutil.Do(h, func() error {
+		host := strings.TrimPrefix(url, "http://")
+		c, err := net.DialTimeout("tcp", host+":80", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\nConnection: close\r\n\r\n", host)
+		b, err := io.ReadAll(bufio.NewReader(c))
+		body = string(b)
+		return err
+	})
+	return body, err
+}
+
+func count(t *testing.T, path, sub string) int {
+	b, _ := os.ReadFile(path)
+	return strings.Count(string(b), sub)
+}
+
+// The seed's request, for real: lab up builds the two nodes with their node
+// agents and proxies, the client pod's plain HTTP request is captured,
+// carried over HBONE and delivered from the client's IP; both proxies log
+// it; unenrolling sends the next request direct; down leaves nothing.
+func TestLabSeedRequestThroughTheMesh(t *testing.T) {
+	testutil.NeedRoot(t)
+	name := fmt.Sprintf("e%d", os.Getpid()%100000)
+	t.Cleanup(func() { lab.Down(name) })
+	out, err := run(t, "lab", "up", "--name", name)
+	if err != nil {
+		t.Fatalf("lab up: %v\n%s", err, out)
+	}
+	state := lab.StateDir(name)
+	master, worker := filepath.Join(state, "proxy-master.log"), filepath.Join(state, "proxy-worker1.log")
+
+	body, err := get(t, name, "client", "http://10.244.1.3")
+	if err != nil || !strings.Contains(body, "200 OK") || !strings.Contains(body, "you are 10.244.0.2:") {
+		t.Fatalf("the seed's request: %q, %v", body, err)
+	}
+	testutilWait(t, "both access-log records", func() bool {
+		return count(t, master, "connection complete") == 1 && count(t, worker, "connection complete") == 1
+	})
+	for _, f := range []string{master, worker} {
+		b, _ := os.ReadFile(f)
+		for _, want := range []string{"src.addr=10.244.0.2:", "dst.addr=10.244.1.3:80", "dst.hbone_addr=10.244.1.3:15008",
+			"src.identity=spiffe://cluster.local/ns/default/sa/default", "dst.identity=spiffe://cluster.local/ns/default/sa/default"} {
+			if !strings.Contains(string(b), want) {
+				t.Errorf("%s lacks %q:\n%s", filepath.Base(f), want, b)
+			}
+		}
+	}
+
+	if _, err := run(t, "lab", "unenroll", "client", "--name", name); err != nil {
+		t.Fatal(err)
+	}
+	body, err = get(t, name, "client", "http://10.244.1.3")
+	if err != nil || !strings.Contains(body, "you are 10.244.0.2:") {
+		t.Fatalf("after unenroll: %q, %v", body, err)
+	}
+	testutilWait(t, "the server's plaintext record", func() bool { return count(t, worker, "connection complete") == 2 })
+	if n := count(t, master, "connection complete"); n != 1 {
+		t.Errorf("the client's proxy saw %d connections after unenroll, want still 1", n)
+	}
+	if _, err := run(t, "lab", "enroll", "client", "--name", name); err != nil {
+		t.Fatal(err)
+	}
+	if body, err := get(t, name, "client", "http://10.244.1.3"); err != nil || !strings.Contains(body, "you are 10.244.0.2:") {
+		t.Fatalf("after re-enroll: %q, %v", body, err)
+	}
+	testutilWait(t, "the re-enrolled record", func() bool { return count(t, master, "connection complete") == 2 })
+
+	if _, err := run(t, "lab", "down", "--name", name); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := lab.Status(name); len(st) != 0 {
+		t.Fatalf("after down: %q", st)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Errorf("state directory left: %v", err)
+	}
+}
+
+func testutilWait(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
