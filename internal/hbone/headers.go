@@ -202,6 +202,10 @@ func readQuoted(s string) (string, int, error) {
 			if i == len(s) {
 				return "", 0, errors.New("quoted string ends in a backslash")
 			}
+			// quoted-pair (RFC 9110): HTAB, SP, VCHAR or obs-text only.
+			if e := s[i]; e < 0x20 && e != '\t' || e == 0x7f {
+				return "", 0, fmt.Errorf("control character %#x escaped in quoted string", e)
+			}
 			b.WriteByte(s[i])
 		case c < 0x20 && c != '\t', c == 0x7f:
 			return "", 0, fmt.Errorf("control character %#x in quoted string", c)
