@@ -26,7 +26,7 @@ all: build
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ambit ./cmd/ambit
 
-demo: build
+demo: build  ## the seed's request in a lab, hop by hop (root)
 	./bin/ambit demo
 
 # Everything CI checks: format and vet, each fuzz target briefly, one pass of

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strconv"
 	"strings"
 
 	"github.com/ambitmesh/ambit/internal/lab"
@@ -33,37 +32,13 @@ func newLabCmd() *cobra.Command {
 			if cmd.Flags().Changed("name") {
 				topo.Name = name
 			}
-			if err := lab.Up(topo); err != nil {
-				return err
-			}
 			self, err := os.Executable()
 			if err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if err := lab.SaveTopology(topo, data); err != nil {
-				_ = lab.Down(topo.Name)
+			if err := lab.UpAll(topo, data, self, out, lab.UpOptions{NoMesh: noMesh}); err != nil {
 				return err
-			}
-			for _, n := range topo.Nodes {
-				fmt.Fprintf(out, "node %-10s pods %s  (netns %s)\n", n.Name, n.PodCIDR, topo.NodeNamespace(n.Name))
-			}
-			for _, p := range topo.Pods {
-				fmt.Fprintf(out, "pod  %-10s %s on %s  (netns %s)\n", p.Name, p.IP, p.Node, topo.PodNamespace(p.Name))
-				if s := p.Serve; s != nil {
-					argv := []string{self, "lab", "serve", "--protocol", s.Protocol, "--port", strconv.Itoa(int(s.Port))}
-					if _, err := lab.Start(topo.Name, topo.PodNamespace(p.Name), "serve-"+p.Name, self, argv); err != nil {
-						_ = lab.Down(topo.Name)
-						return err
-					}
-					fmt.Fprintf(out, "     %-10s serves %s on :%d\n", "", s.Protocol, s.Port)
-				}
-			}
-			if !noMesh {
-				if err := lab.StartMesh(topo, self, out); err != nil {
-					_ = lab.Down(topo.Name)
-					return fmt.Errorf("lab mesh: %w", err)
-				}
 			}
 			fmt.Fprintf(out, "\nlab %q is up. Try: ambit lab exec client -- curl -s http://10.244.1.3/\nTake it down with: ambit lab down\n", topo.Name)
 			return nil

@@ -14,6 +14,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/lab"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/testutil"
+	"github.com/google/gopacket/pcapgo"
 	"github.com/vishvananda/netns"
 )
 
@@ -129,4 +130,60 @@ func testutilWait(t *testing.T, what string, cond func() bool) {
 		}
 	}
 	t.Fatalf("timed out waiting for %s", what)
+}
+
+// `make demo`: the seed's request hop by hop, with a pcap per hop.
+func TestDemoShowsTheSeedHopByHop(t *testing.T) {
+	testutil.NeedRoot(t)
+	name := fmt.Sprintf("d%d", os.Getpid()%100000)
+	t.Cleanup(func() { lab.Down(name) })
+	outDir := t.TempDir()
+	out, err := run(t, "demo", "--lab-name", name, "--out", outDir)
+	if err != nil {
+		t.Fatalf("demo: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"answer:      HTTP/1.1 200 OK", "you are 10.244.0.2:",
+		"> 127.0.0.1:15001 [S]", `"GET / HTTP/1.1" (plaintext)`, "> 10.244.1.3:15008 [S]", "TLS handshake", "TLS application data (encrypted)",
+		`msg="outbound dialed a new HBONE connection"`, `tls="TLS 1.3 TLS_AES_`, "status=200",
+		`msg="inbound policy allows"`, `msg="inbound upstream connected" from=10.244.0.2:`,
+		"direction=outbound", "direction=inbound", "ok: the app's plain request was captured",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	// Plaintext only inside the pods (hops 1 and 5), never on eth0 or the wire.
+	sections := strings.Split(out, "\n== ")
+	for _, s := range sections {
+		if strings.HasPrefix(s, "2. ") || strings.HasPrefix(s, "3. ") || strings.HasPrefix(s, "4. ") {
+			if strings.Contains(s, "(plaintext)") {
+				t.Errorf("plaintext between the pods:\n%s", s)
+			}
+		}
+	}
+	for _, f := range []string{"1-client-pod-lo.pcap", "2-client-pod-eth0.pcap", "3-wire.pcap", "4-server-pod-eth0.pcap", "5-server-pod-lo.pcap"} {
+		fh, err := os.Open(filepath.Join(outDir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := pcapgo.NewReader(fh)
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		n := 0
+		for {
+			if _, _, err := r.ReadPacketData(); err != nil {
+				break
+			}
+			n++
+		}
+		fh.Close()
+		if n < 5 {
+			t.Errorf("%s holds %d packets", f, n)
+		}
+	}
+	if st, _ := lab.Status(name); len(st) != 0 {
+		t.Errorf("the demo left the lab up: %q", st)
+	}
 }

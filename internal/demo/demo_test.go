@@ -33,3 +33,15 @@ func TestDemo(t *testing.T) {
 		}
 	}
 }
+
+// Without root the lab demo says, in one sentence, what is missing.
+func TestLabDemoWithoutRootSaysWhy(t *testing.T) {
+	var out bytes.Buffer
+	err := RunLab(&out, LabOptions{Geteuid: func() int { return 1000 }})
+	if err == nil || !strings.Contains(err.Error(), "needs root: run it as root (e.g. sudo make demo)") {
+		t.Fatalf("err = %v", err)
+	}
+	if out.Len() != 0 {
+		t.Errorf("printed before refusing: %q", out.String())
+	}
+}

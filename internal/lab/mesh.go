@@ -57,7 +57,10 @@ func (t *Topology) MeshFile() string { return t.meshFile() }
 // StartMesh runs the mesh on a lab that is up: a CA and the config, then on
 // every node a node agent and a node proxy inside the node's namespace,
 // and finally the enrollment of every mesh pod. self is the ambit binary.
-func StartMesh(t *Topology, self string, out io.Writer) error {
+func StartMesh(t *Topology, self string, out io.Writer, proxyLogLevel string) error {
+	if proxyLogLevel == "" {
+		proxyLogLevel = "info"
+	}
 	if err := os.MkdirAll(StateDir(t.Name), 0o755); err != nil {
 		return err
 	}
@@ -77,7 +80,7 @@ func StartMesh(t *Topology, self string, out io.Writer) error {
 			return err
 		}
 		if _, err := Start(t.Name, ns, "proxy-"+n.Name, self, []string{self, "proxy", "--node", n.Name,
-			"--config", t.meshFile(), "--ca-dir", t.caDir(), "--zds-socket", t.zdsSocket(n.Name)}); err != nil {
+			"--config", t.meshFile(), "--ca-dir", t.caDir(), "--zds-socket", t.zdsSocket(n.Name), "--log-level", proxyLogLevel}); err != nil {
 			return err
 		}
 	}
@@ -224,4 +227,48 @@ func tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n") + "\n"
+}
+
+// UpOptions tune UpAll.
+type UpOptions struct {
+	NoMesh        bool   // only the network: no agents, no proxies
+	ProxyLogLevel string // the node proxies' log level; default info
+}
+
+// UpAll brings a whole lab up: the network, the mesh (unless NoMesh) and
+// the pods' built-in servers, telling out what it did. On error it takes
+// everything down again. data is the topology file, kept for later commands.
+func UpAll(t *Topology, data []byte, self string, out io.Writer, o UpOptions) error {
+	if err := Up(t); err != nil {
+		return err
+	}
+	err := func() error {
+		if err := SaveTopology(t, data); err != nil {
+			return err
+		}
+		for _, n := range t.Nodes {
+			fmt.Fprintf(out, "node %-10s pods %s  (netns %s)\n", n.Name, n.PodCIDR, t.NodeNamespace(n.Name))
+		}
+		for _, p := range t.Pods {
+			fmt.Fprintf(out, "pod  %-10s %s on %s  (netns %s)\n", p.Name, p.IP, p.Node, t.PodNamespace(p.Name))
+			if s := p.Serve; s != nil {
+				argv := []string{self, "lab", "serve", "--protocol", s.Protocol, "--port", fmt.Sprint(s.Port)}
+				if _, err := Start(t.Name, t.PodNamespace(p.Name), "serve-"+p.Name, self, argv); err != nil {
+					return err
+				}
+				fmt.Fprintf(out, "     %-10s serves %s on :%d\n", "", s.Protocol, s.Port)
+			}
+		}
+		if o.NoMesh {
+			return nil
+		}
+		if err := StartMesh(t, self, out, o.ProxyLogLevel); err != nil {
+			return fmt.Errorf("lab mesh: %w", err)
+		}
+		return nil
+	}()
+	if err != nil {
+		_ = Down(t.Name)
+	}
+	return err
 }

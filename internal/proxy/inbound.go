@@ -102,6 +102,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 		fail(http.StatusUnauthorized, telemetry.FlagDeny, fmt.Errorf("denied: %s", d.Reason))
 		return
 	}
+	p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	up, err := p.dialApp(dctx, in.src.Addr(), in.target)
 	cancel()
@@ -110,6 +111,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 		return
 	}
 	defer up.Close()
+	p.log.Debug("inbound upstream connected", "from", up.LocalAddr().String(), "to", up.RemoteAddr().String())
 	down, err := in.accept()
 	if err != nil {
 		p.opts.Metrics.Failed(tc, telemetry.FlagConnect)

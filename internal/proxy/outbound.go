@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -236,6 +237,7 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 		local, _ := netip.ParseAddrPort(down.LocalAddr().String())
 		reply(socks5.Succeeded, local)
 	}
+	p.logOutbound(tc, r, up)
 	p.opts.Metrics.Opened(tc)
 	res := relay.Bidirectional(down, up)
 	p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
@@ -325,4 +327,26 @@ func baggage(w *workload.Workload) string {
 		{Key: "cloud.availability_zone", Value: w.Locality.Zone},
 	}
 	return b.String()
+}
+
+// logOutbound tells, at debug level, how a connection left: the events a
+// person follows in the lab's hop-by-hop view.
+func (p *Proxy) logOutbound(tc *telemetry.Conn, r route, up upstream) {
+	if !p.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	p.log.Debug("outbound captured", "src", tc.Src.String(), "src.identity", tc.SrcIdentity.String(), "dst", tc.Dst.String(), "route", r.kind.String())
+	st, ok := up.(*hbone.Stream)
+	if !ok {
+		p.log.Debug("outbound connected over plain TCP", "dst", r.dial.String())
+		return
+	}
+	i := st.Info()
+	how := "dialed a new HBONE connection"
+	if i.Reused {
+		how = "reused a pooled HBONE connection"
+	}
+	p.log.Debug("outbound "+how, "local", i.LocalAddr.String(), "remote", i.RemoteAddr.String(),
+		"tls", i.TLSVersionName()+" "+i.CipherSuiteName(), "peer.identity", i.Peer.String(),
+		"connect", r.authority.String(), "status", i.Status, "stream", i.StreamID)
 }
