@@ -187,3 +187,74 @@ func TestDemoShowsTheSeedHopByHop(t *testing.T) {
 		t.Errorf("the demo left the lab up: %q", st)
 	}
 }
+
+const policyLab = `nodes:
+- {name: master, podCIDR: 10.244.0.0/24}
+- {name: worker1, podCIDR: 10.244.1.0/24}
+pods:
+- {name: client, node: master, ip: 10.244.0.2, serviceAccount: client}
+- {name: intruder, node: master, ip: 10.244.0.3, serviceAccount: intruder}
+- {name: outsider, node: master, ip: 10.244.0.5, mesh: false}
+- {name: server, node: worker1, ip: 10.244.1.3, serviceAccount: server, labels: {app: server}, serve: {protocol: http, port: 80}}
+- {name: legacy, node: worker1, ip: 10.244.1.4, mesh: false, serve: {protocol: http, port: 80}}
+services:
+- {name: server, vip: 10.96.0.10, ports: {80: 80}, selector: {app: server}}
+policies:
+- name: deny-intruder
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/intruder"]
+`
+
+// Policy between pods, pods outside the mesh both ways, and a service VIP.
+func TestLabPolicyNonMeshAndService(t *testing.T) {
+	testutil.NeedRoot(t)
+	name := fmt.Sprintf("p%d", os.Getpid()%100000)
+	t.Cleanup(func() { lab.Down(name) })
+	file := filepath.Join(t.TempDir(), "lab.yaml")
+	os.WriteFile(file, []byte(policyLab), 0o644)
+	if out, err := run(t, "lab", "up", "-f", file, "--name", name); err != nil {
+		t.Fatalf("lab up: %v\n%s", err, out)
+	}
+	worker := filepath.Join(lab.StateDir(name), "proxy-worker1.log")
+	cases := []struct {
+		from, to string
+		ok       bool
+		seenAs   string
+	}{
+		{"client", "10.244.1.3", true, "10.244.0.2"},  // mesh to mesh
+		{"client", "10.96.0.10", true, "10.244.0.2"},  // the service VIP
+		{"outsider", "10.244.1.3", true, "10.244.0.5"}, // non-mesh to mesh: plaintext on 15006
+		{"client", "10.244.1.4", true, "10.244.0.2"},  // mesh to non-mesh: plain TCP from the pod's IP
+		{"intruder", "10.244.1.3", false, ""},          // denied by policy at the destination
+	}
+	for _, c := range cases {
+		body, err := get(t, name, c.from, "http://"+c.to)
+		if !c.ok {
+			if err == nil && strings.Contains(body, "200 OK") {
+				t.Errorf("%s -> %s: allowed, want denied", c.from, c.to)
+			}
+			continue
+		}
+		if err != nil || !strings.Contains(body, "you are "+c.seenAs+":") {
+			t.Errorf("%s -> %s: %q, %v; want an answer to %s", c.from, c.to, body, err, c.seenAs)
+		}
+	}
+	testutilWait(t, "the denial in the server node's log", func() bool {
+		b, _ := os.ReadFile(worker)
+		return strings.Contains(string(b), "denied: denied by DENY policy default/deny-intruder")
+	})
+	// The outsider's connection arrived in plaintext (no identity) and was logged.
+	b, _ := os.ReadFile(worker)
+	var outsider string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "connection complete") && strings.Contains(l, "src.addr=10.244.0.5:") {
+			outsider = l
+		}
+	}
+	if outsider == "" || strings.Contains(outsider, "src.identity=") || !strings.Contains(outsider, "direction=inbound") {
+		t.Errorf("the outsider's record: %q", outsider)
+	}
+}

@@ -13,13 +13,45 @@ import (
 	"regexp"
 
 	"github.com/ambitmesh/ambit/internal/config"
+	"go.yaml.in/yaml/v3"
 )
 
 // Topology is what the lab file describes.
 type Topology struct {
-	Name  string `yaml:"name"`  // prefix of every namespace; default "seed"
-	Nodes []Node `yaml:"nodes"` // at least one
-	Pods  []Pod  `yaml:"pods"`
+	Name     string          `yaml:"name"`  // prefix of every namespace; default "seed"
+	Nodes    []Node          `yaml:"nodes"` // at least one
+	Pods     []Pod           `yaml:"pods"`
+	Services []Service       `yaml:"services"`
+	Policies []config.Policy `yaml:"policies"` // ztunnel's local-config form, copied into the mesh config
+
+	data []byte // the file, for copying its policies verbatim
+}
+
+// Service is a virtual IP in front of the pods its selector matches.
+type Service struct {
+	Name      string            `yaml:"name"`
+	Namespace string            `yaml:"namespace"` // default "default"
+	VIP       string            `yaml:"vip"`
+	Ports     map[uint16]uint16 `yaml:"ports"` // service port -> pod port
+	Selector  map[string]string `yaml:"selector"`
+
+	vip netip.Addr
+}
+
+// Hostname is the service's cluster DNS name.
+func (s *Service) Hostname() string { return s.Name + "." + s.Namespace + ".svc.cluster.local" }
+
+// Selects reports whether the service's selector matches the pod.
+func (s *Service) Selects(p *Pod) bool {
+	if len(s.Selector) == 0 || p.Namespace != s.Namespace {
+		return false
+	}
+	for k, v := range s.Selector {
+		if p.Labels[k] != v {
+			return false
+		}
+	}
+	return true
 }
 
 // Node is a machine of the cluster.
@@ -79,6 +111,7 @@ func ParseTopology(name string, data []byte) (*Topology, error) {
 	if err := config.Decode(name, data, &t); err != nil {
 		return nil, err
 	}
+	t.data = data
 	if err := t.validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
@@ -158,6 +191,35 @@ func (t *Topology) validate() error {
 			}
 		}
 	}
+	svcs := map[string]bool{}
+	for i := range t.Services {
+		s := &t.Services[i]
+		if s.Namespace == "" {
+			s.Namespace = "default"
+		}
+		if !dnsLabel.MatchString(s.Name) {
+			return fmt.Errorf("services[%d].name %q: want a DNS label", i, s.Name)
+		}
+		if svcs[s.Namespace+"/"+s.Name] {
+			return fmt.Errorf("services[%d].name: service %s/%s defined twice", i, s.Namespace, s.Name)
+		}
+		svcs[s.Namespace+"/"+s.Name] = true
+		vip, err := netip.ParseAddr(s.VIP)
+		if err != nil || !vip.Is4() {
+			return fmt.Errorf("services[%d].vip %q: want an IPv4 address", i, s.VIP)
+		}
+		if other, dup := ips[vip]; dup {
+			return fmt.Errorf("services[%d].vip %s: already pod %s's", i, vip, other)
+		}
+		if len(s.Ports) == 0 {
+			return fmt.Errorf("services[%d].ports: at least one", i)
+		}
+		s.vip = vip
+	}
+	// The policies must stand in a mesh config on their own.
+	if _, err := config.Parse("policies of the topology", t.policyYAML()); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -195,6 +257,24 @@ func (t *Topology) PodNamespace(pod string) string   { return t.podNS(pod) }
 // underlay is node i's address on the wire (the nodes' own network).
 func underlay(i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 30, byte((i + 1) >> 8), byte((i + 1) & 0xff)}), 16)
+}
+
+// policyYAML is the topology file's policies: section, verbatim (tags and all).
+func (t *Topology) policyYAML() []byte {
+	var root yaml.Node
+	if yaml.Unmarshal(t.data, &root) != nil || len(root.Content) == 0 {
+		return nil
+	}
+	m := root.Content[0]
+	for i := 0; m.Kind == yaml.MappingNode && i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == "policies" {
+			out, err := yaml.Marshal(&yaml.Node{Kind: yaml.MappingNode, Content: []*yaml.Node{m.Content[i], m.Content[i+1]}})
+			if err == nil {
+				return out
+			}
+		}
+	}
+	return nil
 }
 
 // DefaultTopology is the seed's cluster, the same as examples/seed-lab.yaml.
