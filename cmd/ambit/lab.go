@@ -138,7 +138,26 @@ func newLabCmd() *cobra.Command {
 			return t.Unenroll(args[0])
 		},
 	}
-	cmd.AddCommand(up, down, status, exec, nsexec, serve, enroll, unenroll)
+	restart := &cobra.Command{
+		Use:   "restart-proxy NODE",
+		Short: "Stop and start a node's proxy (it takes its pods back from the node agent)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			t, err := lab.Current(name)
+			if err != nil {
+				return err
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			if err := t.StopProxy(args[0]); err != nil {
+				return err
+			}
+			return t.StartProxy(args[0], self)
+		},
+	}
+	cmd.AddCommand(up, down, status, exec, nsexec, serve, enroll, unenroll, restart)
 	return cmd
 }
 

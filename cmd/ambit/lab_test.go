@@ -111,6 +111,31 @@ func TestLabSeedRequestThroughTheMesh(t *testing.T) {
 	}
 	testutilWait(t, "the re-enrolled record", func() bool { return count(t, master, "connection complete") == 2 })
 
+	// The client node's proxy goes away: the client's connections fail at
+	// once (refused, no hang); once it is back it takes its pods from the
+	// agent again and connections work.
+	topo, err := lab.Current(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := topo.StopProxy("master"); err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	if body, err := get(t, name, "client", "http://10.244.1.3"); err == nil {
+		t.Fatalf("a request with the client's proxy down succeeded: %q", body)
+	} else if !strings.Contains(err.Error(), "connection refused") || time.Since(began) > 3*time.Second {
+		t.Errorf("with the proxy down: %v after %v; want a prompt refusal", err, time.Since(began))
+	}
+	self, _ := os.Executable()
+	if err := topo.StartProxy("master", self); err != nil {
+		t.Fatal(err)
+	}
+	testutilWait(t, "the restarted proxy to serve the client again", func() bool {
+		body, err := get(t, name, "client", "http://10.244.1.3")
+		return err == nil && strings.Contains(body, "you are 10.244.0.2:")
+	})
+
 	if _, err := run(t, "lab", "down", "--name", name); err != nil {
 		t.Fatal(err)
 	}
@@ -224,10 +249,10 @@ func TestLabPolicyNonMeshAndService(t *testing.T) {
 		ok       bool
 		seenAs   string
 	}{
-		{"client", "10.244.1.3", true, "10.244.0.2"},  // mesh to mesh
-		{"client", "10.96.0.10", true, "10.244.0.2"},  // the service VIP
+		{"client", "10.244.1.3", true, "10.244.0.2"},   // mesh to mesh
+		{"client", "10.96.0.10", true, "10.244.0.2"},   // the service VIP
 		{"outsider", "10.244.1.3", true, "10.244.0.5"}, // non-mesh to mesh: plaintext on 15006
-		{"client", "10.244.1.4", true, "10.244.0.2"},  // mesh to non-mesh: plain TCP from the pod's IP
+		{"client", "10.244.1.4", true, "10.244.0.2"},   // mesh to non-mesh: plain TCP from the pod's IP
 		{"intruder", "10.244.1.3", false, ""},          // denied by policy at the destination
 	}
 	for _, c := range cases {

@@ -111,8 +111,7 @@ func StartMesh(t *Topology, self string, out io.Writer, proxyLogLevel string) er
 			"--socket", t.zdsSocket(n.Name), "--control", t.agentSocket(n.Name)}); err != nil {
 			return err
 		}
-		if _, err := Start(t.Name, ns, "proxy-"+n.Name, self, []string{self, "proxy", "--node", n.Name,
-			"--config", t.meshFile(), "--ca-dir", t.caDir(), "--zds-socket", t.zdsSocket(n.Name), "--log-level", proxyLogLevel}); err != nil {
+		if err := t.startProxy(n.Name, self, proxyLogLevel); err != nil {
 			return err
 		}
 	}
@@ -303,4 +302,31 @@ func UpAll(t *Topology, data []byte, self string, out io.Writer, o UpOptions) er
 		_ = Down(t.Name)
 	}
 	return err
+}
+
+func (t *Topology) startProxy(node, self, level string) error {
+	_, err := Start(t.Name, t.nodeNS(node), "proxy-"+node, self, []string{self, "proxy", "--node", node,
+		"--config", t.meshFile(), "--ca-dir", t.caDir(), "--zds-socket", t.zdsSocket(node), "--log-level", level})
+	return err
+}
+
+// StopProxy stops a node's proxy: its pods' connections are refused (the
+// capture rules stay) until StartProxy.
+func (t *Topology) StopProxy(node string) error {
+	if t.Node(node) == nil {
+		return fmt.Errorf("lab: no node %q", node)
+	}
+	return stop(filepath.Join(StateDir(t.Name), "proxy-"+node+".pid"))
+}
+
+// StartProxy starts a node's proxy again and waits until it is ready; it
+// reconnects to the node agent and takes its pods back.
+func (t *Topology) StartProxy(node, self string) error {
+	if t.Node(node) == nil {
+		return fmt.Errorf("lab: no node %q", node)
+	}
+	if err := t.startProxy(node, self, "info"); err != nil {
+		return err
+	}
+	return t.waitNode(node, 15*time.Second)
 }

@@ -51,25 +51,36 @@ func stopAll(labName string) error {
 	pids, _ := filepath.Glob(filepath.Join(dir, "*.pid"))
 	var errs []error
 	for _, f := range pids {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
+		if err := stop(f); err != nil {
+			errs = append(errs, err)
 		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 1 {
-			continue
-		}
-		if err := syscall.Kill(pid, syscall.SIGTERM); err == nil {
-			for i := 0; i < 50 && syscall.Kill(pid, 0) == nil; i++ {
-				time.Sleep(20 * time.Millisecond)
-			}
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		} else if !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("stop pid %d: %w", pid, err))
-		}
-		os.Remove(f)
 	}
 	return errors.Join(errs...)
+}
+
+// stop ends the process recorded in a pid file (TERM, then KILL after a
+// second) and removes the file.
+func stop(pidFile string) error {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return fmt.Errorf("no such lab process (%w)", err)
+	}
+	defer os.Remove(pidFile)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return fmt.Errorf("%s: bad pid %q", pidFile, b)
+	}
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		if errors.Is(err, syscall.ESRCH) {
+			return nil
+		}
+		return fmt.Errorf("stop pid %d: %w", pid, err)
+	}
+	for i := 0; i < 50 && syscall.Kill(pid, 0) == nil; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	return nil
 }
 
 // ExecIn replaces the current process with argv running inside the named
