@@ -37,7 +37,7 @@ func newLabCmd() *cobra.Command {
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if err := lab.UpAll(topo, data, self, out, lab.UpOptions{NoMesh: noMesh}); err != nil {
+			if err := lab.UpAll(topo, data, self, out, lab.UpOptions{NoMesh: noMesh, ProxyLogLevel: "debug"}); err != nil {
 				return err
 			}
 			fmt.Fprintf(out, "\nlab %q is up. Try: ambit lab exec client -- curl -s http://10.244.1.3/\nTake it down with: ambit lab down\n", topo.Name)

@@ -282,4 +282,23 @@ func TestLabPolicyNonMeshAndService(t *testing.T) {
 	if outsider == "" || strings.Contains(outsider, "src.identity=") || !strings.Contains(outsider, "direction=inbound") {
 		t.Errorf("the outsider's record: %q", outsider)
 	}
+
+	// ambit trace shows any connection of the running lab, here through the VIP.
+	traceDir := t.TempDir()
+	out, err := run(t, "trace", "--name", name, "--from", "client", "--to", "10.96.0.10:80", "--out", traceDir)
+	if err != nil {
+		t.Fatalf("trace: %v\n%s", err, out)
+	}
+	for _, want := range []string{"> 127.0.0.1:15001 [S]", "10.244.0.2:", "> 10.244.1.3:15008 [S]", "TLS handshake",
+		"server pod, lo: the proxy delivers", "answer: HTTP/1.1 200 OK  hello from 10.244.1.3:80; you are 10.244.0.2:"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("trace output lacks %q:\n%s", want, out)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(traceDir, "3-wire.pcap")); err != nil {
+		t.Errorf("no pcap for the wire: %v", err)
+	}
+	if _, err := run(t, "trace", "--name", name, "--from", "client", "--to", "10.99.9.9:80"); err == nil {
+		t.Error("trace to an address outside the lab succeeded")
+	}
 }

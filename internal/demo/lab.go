@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -65,87 +66,9 @@ func RunLab(w io.Writer, o LabOptions) error {
 	if !o.Keep {
 		defer lab.Down(topo.Name)
 	}
-	hops := []hop{
-		{"1. client pod, lo: the app's plain connection, captured by nftables to the proxy's 15001", topo.PodNamespace("client"), "lo", "1-client-pod-lo.pcap"},
-		{"2. client pod, eth0: the client node's proxy tunnels it, HBONE from the pod's own IP to 15008", topo.PodNamespace("client"), "eth0", "2-client-pod-eth0.pcap"},
-		{"3. the wire between the nodes (master's port on it)", "ambit-" + topo.Name + "-wire", "n0", "3-wire.pcap"},
-		{"4. server pod, eth0: HBONE arrives at the server node's proxy (15008, never redirected)", topo.PodNamespace("server"), "eth0", "4-server-pod-eth0.pcap"},
-		{"5. server pod, lo: the proxy delivers to the app from the client's IP", topo.PodNamespace("server"), "lo", "5-server-pod-lo.pcap"},
-	}
-	var caps []*trace.Capture
-	for _, h := range hops {
-		ns, err := netns.GetFromName(h.ns)
-		if err != nil {
-			return err
-		}
-		c, err := trace.Start(ns, h.iface)
-		ns.Close()
-		if err != nil {
-			return err
-		}
-		caps = append(caps, c)
-	}
-	mark := map[string]int{}
-	for _, n := range []string{"master", "worker1"} {
-		mark[n] = len(readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log")))
-	}
-
-	p("\n== the request")
-	start := time.Now()
-	status, body, err := request(topo.PodNamespace("client"), "10.244.1.3")
-	time.Sleep(300 * time.Millisecond) // let the last FIN/ACKs land
-	var packets [][]trace.Packet
-	for _, c := range caps {
-		packets = append(packets, trace.TCP(c.Stop()))
-	}
+	status, body, problems, err := Trace(w, topo, "client", netip.MustParseAddrPort("10.244.1.3:80"), o.OutDir)
 	if err != nil {
-		return fmt.Errorf("the request failed: %w", err)
-	}
-	p("client pod:  GET / HTTP/1.1  Host: 10.244.1.3")
-	p("answer:      %s", status)
-	p("body:        %s", strings.TrimSpace(body))
-
-	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return err
-	}
-	var problems []string
-	for i, h := range hops {
-		p("\n== %s  (netns %s, %s)", h.title, h.ns, h.iface)
-		pk := packets[i]
-		for j, x := range pk {
-			if j == 14 && len(pk) > 16 {
-				p("  ... %d more packets (all in the pcap)", len(pk)-14)
-				break
-			}
-			p("  %s", trace.Describe(x, start))
-		}
-		if len(pk) == 0 {
-			p("  (no packets)")
-			problems = append(problems, "no packets at hop "+h.iface+" of "+h.ns)
-		}
-		path := filepath.Join(o.OutDir, h.file)
-		if err := trace.WritePCAP(path, pk); err != nil {
-			return err
-		}
-		p("  -> %s (%d packets; open it in Wireshark)", path, len(pk))
-		if i >= 1 && i <= 3 {
-			for _, x := range pk {
-				if trace.PlaintextHTTP(x) {
-					problems = append(problems, "plaintext HTTP seen at hop "+fmt.Sprint(i+1))
-					break
-				}
-			}
-		}
-	}
-
-	for _, n := range []struct{ node, role string }{{"master", "client node's proxy"}, {"worker1", "server node's proxy"}} {
-		p("\n== the %s (%s) said", n.role, n.node)
-		lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n.node+".log"))
-		for _, l := range lines[min(mark[n.node], len(lines)):] {
-			if strings.Contains(l, "msg=\"outbound") || strings.Contains(l, "msg=\"inbound") || strings.Contains(l, "connection complete") {
-				p("  %s", trimTime(l))
-			}
-		}
 	}
 	if !strings.Contains(status, "200") || !strings.Contains(body, "you are 10.244.0.2:") {
 		problems = append(problems, "the server did not see the client pod's IP")
@@ -163,22 +86,130 @@ func RunLab(w io.Writer, o LabOptions) error {
 	return nil
 }
 
+// Trace sends an HTTP GET from a pod of a running lab to dst (a pod's IP or
+// a service VIP) and shows it hop by hop: packets at the source pod's
+// loopback and eth0, on the source node's port of the wire, at the
+// destination pod's eth0 and loopback, a pcap per hop in outDir, and what
+// both proxies said. It returns the answer's status line and body, and the
+// problems it saw (plaintext between pods, an empty hop).
+func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, outDir string) (status, body string, problems []string, err error) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+	src := topo.Pod(from)
+	if src == nil {
+		return "", "", nil, fmt.Errorf("trace: no pod %q in lab %q", from, topo.Name)
+	}
+	to := topo.PodAt(dst.Addr())
+	if to == nil {
+		return "", "", nil, fmt.Errorf("trace: %s is neither a pod nor a service VIP with a pod behind it in lab %q", dst.Addr(), topo.Name)
+	}
+	wirePort := fmt.Sprintf("n%d", topo.NodeIndex(src.Node))
+	hops := []hop{
+		{fmt.Sprintf("1. %s pod, lo: the app's plain connection, captured to the proxy's 15001", src.Name), topo.PodNamespace(src.Name), "lo", "1-" + src.Name + "-pod-lo.pcap"},
+		{fmt.Sprintf("2. %s pod, eth0: %s's proxy tunnels it, HBONE from the pod's own IP", src.Name, src.Node), topo.PodNamespace(src.Name), "eth0", "2-" + src.Name + "-pod-eth0.pcap"},
+		{fmt.Sprintf("3. the wire between the nodes (%s's port on it)", src.Node), "ambit-" + topo.Name + "-wire", wirePort, "3-wire.pcap"},
+		{fmt.Sprintf("4. %s pod, eth0: HBONE arrives at %s's proxy (15008, never redirected)", to.Name, to.Node), topo.PodNamespace(to.Name), "eth0", "4-" + to.Name + "-pod-eth0.pcap"},
+		{fmt.Sprintf("5. %s pod, lo: the proxy delivers to the app from the client's IP", to.Name), topo.PodNamespace(to.Name), "lo", "5-" + to.Name + "-pod-lo.pcap"},
+	}
+	if src.Node == to.Node {
+		hops = append(hops[:2], hops[3:]...) // same node: nothing crosses the wire
+	}
+	var caps []*trace.Capture
+	for _, h := range hops {
+		ns, err := netns.GetFromName(h.ns)
+		if err != nil {
+			return "", "", nil, err
+		}
+		c, err := trace.Start(ns, h.iface)
+		ns.Close()
+		if err != nil {
+			return "", "", nil, err
+		}
+		caps = append(caps, c)
+	}
+	mark := map[string]int{}
+	nodes := []string{src.Node}
+	if to.Node != src.Node {
+		nodes = append(nodes, to.Node)
+	}
+	for _, n := range nodes {
+		mark[n] = len(readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log")))
+	}
+
+	p("\n== the request")
+	start := time.Now()
+	status, body, err = request(topo.PodNamespace(src.Name), dst)
+	time.Sleep(300 * time.Millisecond) // let the last FIN/ACKs land
+	var packets [][]trace.Packet
+	for _, c := range caps {
+		packets = append(packets, trace.TCP(c.Stop()))
+	}
+	if err != nil {
+		return "", "", nil, fmt.Errorf("the request failed: %w", err)
+	}
+	p("%s pod:  GET / HTTP/1.1  Host: %s", src.Name, dst.Addr())
+	p("answer:      %s", status)
+	p("body:        %s", strings.TrimSpace(body))
+
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return "", "", nil, err
+	}
+	for i, h := range hops {
+		p("\n== %s  (netns %s, %s)", h.title, h.ns, h.iface)
+		pk := packets[i]
+		for j, x := range pk {
+			if j == 14 && len(pk) > 16 {
+				p("  ... %d more packets (all in the pcap)", len(pk)-14)
+				break
+			}
+			p("  %s", trace.Describe(x, start))
+		}
+		if len(pk) == 0 {
+			p("  (no packets)")
+			problems = append(problems, "no packets at hop "+h.iface+" of "+h.ns)
+		}
+		path := filepath.Join(outDir, h.file)
+		if err := trace.WritePCAP(path, pk); err != nil {
+			return "", "", nil, err
+		}
+		p("  -> %s (%d packets; open it in Wireshark)", path, len(pk))
+		if h.iface != "lo" && src.InMesh() && to.InMesh() { // between mesh pods only TLS may travel
+			for _, x := range pk {
+				if trace.PlaintextHTTP(x) {
+					problems = append(problems, "plaintext HTTP seen at hop "+fmt.Sprint(i+1))
+					break
+				}
+			}
+		}
+	}
+
+	for _, n := range nodes {
+		p("\n== the proxy of node %s said", n)
+		lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log"))
+		for _, l := range lines[min(mark[n], len(lines)):] {
+			if strings.Contains(l, "msg=\"outbound") || strings.Contains(l, "msg=\"inbound") || strings.Contains(l, "connection complete") {
+				p("  %s", trimTime(l))
+			}
+		}
+	}
+	return status, body, problems, nil
+}
+
 // request sends the seed's request from inside the pod and returns the
 // status line and body.
-func request(podNS, host string) (status, body string, err error) {
+func request(podNS string, dst netip.AddrPort) (status, body string, err error) {
 	h, err := netns.GetFromName(podNS)
 	if err != nil {
 		return "", "", err
 	}
 	defer h.Close()
 	err = nsutil.Do(h, func() error {
-		c, err := net.DialTimeout("tcp", host+":80", 5*time.Second)
+		c, err := net.DialTimeout("tcp", dst.String(), 5*time.Second)
 		if err != nil {
 			return err
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\nConnection: close\r\n\r\n", host)
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: curl/7.85.0\r\nAccept: */*\r\nConnection: close\r\n\r\n", dst.Addr())
 		all, err := io.ReadAll(bufio.NewReader(c))
 		if err != nil {
 			return err

@@ -233,6 +233,35 @@ func (t *Topology) Pod(name string) *Pod {
 	return nil
 }
 
+// PodAt finds the pod at ip, or the first pod behind the service whose VIP is ip.
+func (t *Topology) PodAt(ip netip.Addr) *Pod {
+	for i := range t.Pods {
+		if t.Pods[i].ip == ip {
+			return &t.Pods[i]
+		}
+	}
+	for i := range t.Services {
+		if s := &t.Services[i]; s.vip == ip {
+			for j := range t.Pods {
+				if s.Selects(&t.Pods[j]) {
+					return &t.Pods[j]
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// NodeIndex is a node's position in the topology (its wire port is n<i>).
+func (t *Topology) NodeIndex(name string) int {
+	for i := range t.Nodes {
+		if t.Nodes[i].Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
 // Node finds a node by name.
 func (t *Topology) Node(name string) *Node {
 	for i := range t.Nodes {
