@@ -11,7 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -172,6 +174,13 @@ func installRoutes(ns netns.NsHandle, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("capture: lo: %w", err)
 	}
+	// The proxy's answers are delivered through lo: it must be up (it is
+	// in every pod; a bare namespace starts with it down).
+	if lo.Attrs().Flags&net.FlagUp == 0 {
+		if err := h.LinkSetUp(lo); err != nil {
+			return fmt.Errorf("capture: bring lo up: %w", err)
+		}
+	}
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		r := netlink.NewRule()
 		r.Family = fam
@@ -327,3 +336,19 @@ func redirect(port uint16) []expr.Any {
 }
 
 func accept() []expr.Any { return []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}} }
+
+// Check programs and removes the redirection in a throwaway namespace, so a
+// kernel without what capture needs says so before anything is built.
+func Check() error {
+	name := fmt.Sprintf("ambit-probe-%d", os.Getpid())
+	ns, err := nsutil.NewNamed(name)
+	if err != nil {
+		return fmt.Errorf("cannot create a network namespace: %w", err)
+	}
+	defer netns.DeleteNamed(name)
+	defer ns.Close()
+	if err := Install(ns, Config{}); err != nil {
+		return fmt.Errorf("this kernel cannot do in-pod capture (nftables with NAT redirect, conntrack and policy routing are needed): %w", err)
+	}
+	return Remove(ns, Config{})
+}

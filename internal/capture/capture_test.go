@@ -3,6 +3,7 @@ package capture
 import (
 	"net"
 	"net/netip"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -173,4 +174,14 @@ func hasRule(t *testing.T, h *netlink.Handle) bool {
 		}
 	}
 	return false
+}
+
+func TestCheck(t *testing.T) {
+	testutil.NeedRoot(t)
+	if err := Check(); err != nil {
+		t.Fatalf("this kernel can capture (the other tests show it): %v", err)
+	}
+	if n, _ := filepath.Glob("/run/netns/ambit-probe-*"); len(n) != 0 {
+		t.Fatalf("probe namespaces left: %v", n)
+	}
 }

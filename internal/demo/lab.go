@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/capture"
 	"github.com/ambitmesh/ambit/internal/lab"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/trace"
@@ -45,6 +46,9 @@ func RunLab(w io.Writer, o LabOptions) error {
 	}
 	if euid() != 0 {
 		return errors.New("the demo builds network namespaces and nftables rules, which needs root: run it as root (e.g. sudo make demo)")
+	}
+	if err := capture.Check(); err != nil {
+		return fmt.Errorf("the demo needs in-pod capture: %w", err)
 	}
 	if o.Name == "" {
 		o.Name = "seed"
