@@ -71,7 +71,7 @@ func Up(t *Topology) (err error) {
 		if err != nil {
 			return err
 		}
-		err = setupPod(t, p, h, nodeNS[p.Node])
+		err = setupPod(t, i, h, nodeNS[p.Node])
 		h.Close()
 		if err != nil {
 			return fmt.Errorf("lab: pod %s: %w", p.Name, err)
@@ -85,33 +85,8 @@ func Up(t *Topology) (err error) {
 // pods, and forwarding.
 func setupNode(t *Topology, i int, node, wire netns.NsHandle) error {
 	n := &t.Nodes[i]
-	host, err := netlink.NewHandle()
-	if err != nil {
-		return err
-	}
-	defer host.Close()
-	wireEnd := fmt.Sprintf("n%d", i)
-	if err := host.LinkAdd(&netlink.Veth{
-		LinkAttrs: netlink.LinkAttrs{Name: "eth0", Namespace: netlink.NsFd(node)},
-		PeerName:  wireEnd, PeerNamespace: netlink.NsFd(wire),
-	}); err != nil {
-		return fmt.Errorf("underlay veth: %w", err)
-	}
-	if err := inNS(wire, func(h *netlink.Handle) error {
-		l, err := h.LinkByName(wireEnd)
-		if err != nil {
-			return err
-		}
-		br, err := h.LinkByName("wire0")
-		if err != nil {
-			return err
-		}
-		if err := h.LinkSetMaster(l, br); err != nil {
-			return err
-		}
-		return h.LinkSetUp(l)
-	}); err != nil {
-		return fmt.Errorf("wire port: %w", err)
+	if err := plug(node, wire, fmt.Sprintf("n%d", i), "wire0"); err != nil {
+		return fmt.Errorf("underlay: %w", err)
 	}
 	return inNS(node, func(h *netlink.Handle) error {
 		lo, err := h.LinkByName("lo")
@@ -151,37 +126,14 @@ func setupNode(t *Topology, i int, node, wire netns.NsHandle) error {
 
 // setupPod plugs a pod into its node's bridge with its IP and a default
 // route through the node.
-func setupPod(t *Topology, p *Pod, pod, node netns.NsHandle) error {
+func setupPod(t *Topology, podIndex int, pod, node netns.NsHandle) error {
+	p := &t.Pods[podIndex]
 	n := t.Node(p.Node)
-	host, err := netlink.NewHandle()
-	if err != nil {
-		return err
+	port := fmt.Sprintf("v%d-%s", podIndex, p.Name)
+	if len(port) > 15 { // interface names are at most 15 bytes; the index keeps them unique
+		port = port[:15]
 	}
-	defer host.Close()
-	nodeEnd := "v-" + p.Name
-	if len(nodeEnd) > 15 {
-		nodeEnd = nodeEnd[:15]
-	}
-	if err := host.LinkAdd(&netlink.Veth{
-		LinkAttrs: netlink.LinkAttrs{Name: "eth0", Namespace: netlink.NsFd(pod)},
-		PeerName:  nodeEnd, PeerNamespace: netlink.NsFd(node),
-	}); err != nil {
-		return fmt.Errorf("veth: %w", err)
-	}
-	if err := inNS(node, func(h *netlink.Handle) error {
-		l, err := h.LinkByName(nodeEnd)
-		if err != nil {
-			return err
-		}
-		br, err := h.LinkByName("cni0")
-		if err != nil {
-			return err
-		}
-		if err := h.LinkSetMaster(l, br); err != nil {
-			return err
-		}
-		return h.LinkSetUp(l)
-	}); err != nil {
+	if err := plug(pod, node, port, "cni0"); err != nil {
 		return err
 	}
 	return inNS(pod, func(h *netlink.Handle) error {
@@ -197,6 +149,36 @@ func setupPod(t *Topology, p *Pod, pod, node netns.NsHandle) error {
 		}
 		eth0, _ := h.LinkByName("eth0")
 		return h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: net.IP(n.Gateway().AsSlice())})
+	})
+}
+
+// plug joins a namespace to a bridge: a veth whose "eth0" end is in inner
+// and whose other end, named port, is in outer, enslaved to bridge and up.
+func plug(inner, outer netns.NsHandle, port, bridge string) error {
+	host, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	if err := host.LinkAdd(&netlink.Veth{
+		LinkAttrs: netlink.LinkAttrs{Name: "eth0", Namespace: netlink.NsFd(inner)},
+		PeerName:  port, PeerNamespace: netlink.NsFd(outer),
+	}); err != nil {
+		return fmt.Errorf("veth %s: %w", port, err)
+	}
+	return inNS(outer, func(h *netlink.Handle) error {
+		l, err := h.LinkByName(port)
+		if err != nil {
+			return err
+		}
+		br, err := h.LinkByName(bridge)
+		if err != nil {
+			return err
+		}
+		if err := h.LinkSetMaster(l, br); err != nil {
+			return fmt.Errorf("%s into %s: %w", port, bridge, err)
+		}
+		return h.LinkSetUp(l)
 	})
 }
 

@@ -78,6 +78,13 @@ func TestUpDownSeed(t *testing.T) {
 		t.Fatal(err)
 	}
 	topo.Name = fmt.Sprintf("t%d", os.Getpid()%100000) // never touch a real "seed" lab
+	// Two long names sharing a prefix: their node-side ports must not collide.
+	extra := "\n- {name: frontend-canary-a, node: master, ip: 10.244.0.10}\n- {name: frontend-canary-b, node: master, ip: 10.244.0.11}\n"
+	data, _ := os.ReadFile("../../examples/seed-lab.yaml")
+	if topo, err = ParseTopology("seed+", append(data, extra...)); err != nil {
+		t.Fatal(err)
+	}
+	topo.Name = fmt.Sprintf("t%d", os.Getpid()%100000)
 	t.Cleanup(func() { Down(topo.Name) })
 	before := hostLinks(t)
 	if err := Up(topo); err != nil {
@@ -132,7 +139,7 @@ func TestUpDownSeed(t *testing.T) {
 		t.Errorf("server saw %s, want the client pod's IP (routed, not NATed)", peer)
 	}
 	st, err := Status(topo.Name)
-	if err != nil || len(st) != 5 { // wire, 2 nodes, 2 pods
+	if err != nil || len(st) != 7 { // wire, 2 nodes, 4 pods
 		t.Fatalf("status: %v %q", err, st)
 	}
 	if err := Down(topo.Name); err != nil {
