@@ -68,6 +68,7 @@ func TestLabSeedRequestThroughTheMesh(t *testing.T) {
 	testutil.NeedRoot(t)
 	name := fmt.Sprintf("e%d", os.Getpid()%100000)
 	t.Cleanup(func() { lab.Down(name) })
+	before := testutil.HostState(t)
 	out, err := run(t, "lab", "up", "--name", name)
 	if err != nil {
 		t.Fatalf("lab up: %v\n%s", err, out)
@@ -145,6 +146,7 @@ func TestLabSeedRequestThroughTheMesh(t *testing.T) {
 	if _, err := os.Stat(state); !os.IsNotExist(err) {
 		t.Errorf("state directory left: %v", err)
 	}
+	testutil.SameHostState(t, before, testutil.HostState(t))
 }
 
 func testutilWait(t *testing.T, what string, cond func() bool) {

@@ -11,7 +11,6 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/testutil"
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -56,18 +55,6 @@ func TestTopologyErrors(t *testing.T) {
 	}
 }
 
-func hostLinks(t *testing.T) map[string]bool {
-	links, err := netlink.LinkList()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]bool{}
-	for _, l := range links {
-		m[l.Attrs().Name] = true
-	}
-	return m
-}
-
 // The seed's two nodes come up, a pod on one reaches a pod on the other
 // through both nodes, the host's namespace gains nothing, and Down removes
 // every namespace.
@@ -86,13 +73,13 @@ func TestUpDownSeed(t *testing.T) {
 	}
 	topo.Name = fmt.Sprintf("t%d", os.Getpid()%100000)
 	t.Cleanup(func() { Down(topo.Name) })
-	before := hostLinks(t)
+	before := testutil.HostState(t)
 	if err := Up(topo); err != nil {
 		t.Fatal(err)
 	}
-	for name := range hostLinks(t) {
+	for name := range testutil.HostState(t) {
 		if !before[name] {
-			t.Errorf("lab up created link %q in the host's namespace", name)
+			t.Errorf("lab up created %q in the host's namespace", name)
 		}
 	}
 	open := func(pod string) netns.NsHandle {
@@ -148,9 +135,15 @@ func TestUpDownSeed(t *testing.T) {
 	if st, _ := Status(topo.Name); len(st) != 0 {
 		t.Fatalf("after down: %q", st)
 	}
-	for name := range hostLinks(t) {
+	after := testutil.HostState(t)
+	for name := range after {
 		if !before[name] {
-			t.Errorf("link %q left in the host's namespace", name)
+			t.Errorf("%q left in the host's namespace", name)
+		}
+	}
+	for name := range before {
+		if !after[name] {
+			t.Errorf("%q of the host's namespace is gone after the lab", name)
 		}
 	}
 	// Up after a crash (namespaces left behind) starts clean.

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -92,6 +93,56 @@ func Veth(t testing.TB, a, b netns.NsHandle, aCIDR, bCIDR string) {
 		h.Close()
 		if err != nil {
 			t.Fatalf("veth %s %s: %v", end.name, end.cidr, err)
+		}
+	}
+}
+
+// HostState lists what a lab must not touch in the host's namespace: its
+// links, policy-routing rules and nftables tables. Compare two snapshots.
+func HostState(t testing.TB) map[string]bool {
+	t.Helper()
+	m := map[string]bool{}
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range links {
+		m["link "+l.Attrs().Name] = true
+	}
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := netlink.RuleList(fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rules {
+			m[fmt.Sprintf("rule %d prio %d mark %#x table %d", fam, r.Priority, r.Mark, r.Table)] = true
+		}
+	}
+	nft, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tables, err := nft.ListTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range tables {
+		m[fmt.Sprintf("nft table %d %s", tb.Family, tb.Name)] = true
+	}
+	return m
+}
+
+// SameHostState reports, as test errors, what differs between two HostState snapshots.
+func SameHostState(t testing.TB, before, after map[string]bool) {
+	t.Helper()
+	for k := range after {
+		if !before[k] {
+			t.Errorf("%q appeared in the host's namespace", k)
+		}
+	}
+	for k := range before {
+		if !after[k] {
+			t.Errorf("%q of the host's namespace disappeared", k)
 		}
 	}
 }
