@@ -135,17 +135,7 @@ func TestUpDownSeed(t *testing.T) {
 	if st, _ := Status(topo.Name); len(st) != 0 {
 		t.Fatalf("after down: %q", st)
 	}
-	after := testutil.HostState(t)
-	for name := range after {
-		if !before[name] {
-			t.Errorf("%q left in the host's namespace", name)
-		}
-	}
-	for name := range before {
-		if !after[name] {
-			t.Errorf("%q of the host's namespace is gone after the lab", name)
-		}
-	}
+	testutil.SameHostState(t, before, testutil.HostState(t))
 	// Up after a crash (namespaces left behind) starts clean.
 	if err := Up(topo); err != nil {
 		t.Fatal(err)
