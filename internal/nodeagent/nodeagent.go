@@ -75,12 +75,21 @@ func (a *Agent) Enroll(p Pod) error {
 	pc := a.proxy
 	a.mu.Unlock()
 	if pc != nil {
-		if err := pc.request(a, add(&p), int(ns)); err != nil {
+		err := pc.request(a, add(&p), int(ns))
+		var refused *refusal
+		switch {
+		case errors.As(err, &refused):
+			// The proxy will not serve it: undo capture, or the pod's
+			// traffic would be redirected to nothing.
 			a.mu.Lock()
 			delete(a.pods, p.UID)
 			a.mu.Unlock()
 			_ = capture.Remove(ns, a.Capture)
 			return fmt.Errorf("enroll %s: the proxy refused: %w", p.UID, err)
+		case err != nil:
+			// The connection failed, not the proxy's judgement: the pod stays
+			// enrolled and goes in the snapshot when the proxy reconnects.
+			a.log().Warn("proxy unreachable during enrollment; it will get the pod on reconnect", "uid", p.UID, "err", err)
 		}
 	}
 	a.log().Info("pod enrolled", "uid", p.UID, "netns", p.NSPath, "proxy_connected", pc != nil)
@@ -153,10 +162,16 @@ func (pc *proxyConn) request(a *Agent, req *zdsapi.WorkloadRequest, fd int) erro
 		return err
 	}
 	if msg := resp.GetAck().GetError(); msg != "" {
-		return errors.New(msg)
+		return &refusal{msg}
 	}
 	return nil
 }
+
+// refusal is the proxy's error in an ack: it received the request and
+// said no.
+type refusal struct{ msg string }
+
+func (r *refusal) Error() string { return r.msg }
 
 // Serve listens on the socket and serves one proxy at a time until ctx
 // ends: each connection gets the snapshot, then the changes.

@@ -3,6 +3,7 @@ package nodeagent
 import (
 	"context"
 	"errors"
+	"net"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"istio.io/istio/pkg/zdsapi"
 )
 
@@ -106,5 +108,51 @@ func TestSnapshotAddDelAndReconnect(t *testing.T) {
 	ev = waitEvents(t, r, 6)
 	if ev[4] != "add b sa-b" || ev[5] != "snapshot-done" {
 		t.Fatalf("after reconnect: %q", ev)
+	}
+}
+
+// A proxy that vanishes mid-request (no ack) is not a refusal: the pod
+// stays enrolled and captured, for the snapshot when a proxy comes back.
+func TestEnrollSurvivesAProxyThatVanishes(t *testing.T) {
+	pod, name := testutil.Netns(t)
+	sock := filepath.Join(t.TempDir(), "zds.sock")
+	agent := &Agent{Socket: sock, AckTimeout: 2 * time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { agent.Serve(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	// A bare ZDS peer: hello, ack the (empty) snapshot, then hang up on the add.
+	var c *net.UnixConn
+	for end := time.Now().Add(5 * time.Second); c == nil && time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if raw, err := net.Dial("unixpacket", sock); err == nil {
+			c = raw.(*net.UnixConn)
+		}
+	}
+	if c == nil {
+		t.Fatal("agent socket never came up")
+	}
+	zds.Send(c, &zdsapi.ZdsHello{Version: zdsapi.Version_V1}, -1)
+	var req zdsapi.WorkloadRequest
+	if _, err := zds.Recv(c, &req); err != nil || req.GetSnapshotSent() == nil {
+		t.Fatalf("want SnapshotSent, got %v %v", &req, err)
+	}
+	zds.Send(c, &zdsapi.WorkloadResponse{Payload: &zdsapi.WorkloadResponse_Ack{Ack: &zdsapi.Ack{}}}, -1)
+	go func() {
+		var add zdsapi.WorkloadRequest
+		if fd, err := zds.Recv(c, &add); err == nil && fd >= 0 {
+			unix.Close(fd)
+		}
+		c.Close() // gone without an answer
+	}()
+	time.Sleep(300 * time.Millisecond) // the agent now counts this peer as its proxy
+	if err := agent.Enroll(Pod{UID: "v", NSPath: "/run/netns/" + name}); err != nil {
+		t.Fatalf("enroll with a vanishing proxy: %v", err)
+	}
+	if got := agent.Pods(); len(got) != 1 || got[0] != "v" {
+		t.Fatalf("pods %v", got)
+	}
+	if ok, _ := capture.Installed(pod); !ok {
+		t.Fatal("capture removed although the proxy never refused")
 	}
 }
