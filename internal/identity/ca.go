@@ -2,6 +2,7 @@ package identity
 
 import (
 	"crypto"
+	"crypto/tls"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -296,4 +298,40 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// IssueServing makes a TLS server certificate (a fresh ECDSA P-256 key) for
+// the control plane: DNS names and IPs, no SPIFFE ID. Its chain ends below
+// the roots, like workload certificates.
+func (ca *CA) IssueServing(dnsNames []string, ips []net.IP, ttl time.Duration) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	now := ca.now()
+	notAfter := now.Add(ttl)
+	if notAfter.After(ca.cert.NotAfter) {
+		notAfter = ca.cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, NotBefore: now.Add(-time.Minute), NotAfter: notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:    dnsNames, IPAddresses: ips, BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("issue serving certificate: %w", err)
+	}
+	out := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	for _, c := range ca.chain {
+		if !isSelfSigned(c) {
+			out.Certificate = append(out.Certificate, c.Raw)
+		}
+	}
+	return out, nil
 }
