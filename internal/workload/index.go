@@ -46,9 +46,23 @@ func (e *IndexError) Error() string {
 	return fmt.Sprintf("%s %d: %s: %s", e.Kind, e.Item, e.Field, e.Msg)
 }
 
+// Option changes how NewIndex judges its input.
+type Option func(*options)
+
+type options struct{ dangling bool }
+
+// AllowDangling accepts references to policies and services that are not
+// (yet) there: over xDS, a workload may arrive before what it names. A
+// missing policy then applies to nobody, a missing service has no VIP.
+func AllowDangling() Option { return func(o *options) { o.dangling = true } }
+
 // NewIndex checks the parts fit together (unique UIDs, addresses, service
 // keys and VIPs and policy keys; every reference resolves) and indexes them.
-func NewIndex(workloads []*Workload, services []*Service, policies []*authz.Policy) (*Index, error) {
+func NewIndex(workloads []*Workload, services []*Service, policies []*authz.Policy, opts ...Option) (*Index, error) {
+	var o options
+	for _, f := range opts {
+		f(&o)
+	}
 	ix := &Index{
 		workloads: workloads, services: services, policies: policies,
 		byUID:     map[string]*Workload{},
@@ -101,12 +115,15 @@ func NewIndex(workloads []*Workload, services []*Service, policies []*authz.Poli
 			ix.byNode[w.Node] = append(ix.byNode[w.Node], w)
 		}
 		for _, key := range w.AuthorizationPolicies {
-			if _, ok := ix.byPolicy[key]; !ok {
+			if _, ok := ix.byPolicy[key]; !ok && !o.dangling {
 				return nil, &IndexError{"workload", i, "authorizationPolicies", fmt.Sprintf("no policy %s", key)}
 			}
 		}
 		for key, ports := range w.Services {
 			if _, ok := ix.byKey[key]; !ok {
+				if o.dangling {
+					continue
+				}
 				return nil, &IndexError{"workload", i, "services", fmt.Sprintf("no service %s", key)}
 			}
 			ix.endpoints[key] = append(ix.endpoints[key], Endpoint{Workload: w, Ports: ports})

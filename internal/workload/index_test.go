@@ -188,3 +188,21 @@ func TestParseAddrs(t *testing.T) {
 		}
 	}
 }
+
+func TestAllowDangling(t *testing.T) {
+	w := wl("a", "10.0.0.1", behind(nil), func(w *Workload) { w.AuthorizationPolicies = []string{"default/later"} })
+	if _, err := NewIndex([]*Workload{w}, nil, nil); err == nil {
+		t.Fatal("strict index accepted dangling references")
+	}
+	ix, err := NewIndex([]*Workload{w}, nil, nil, AllowDangling())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ix.PoliciesFor(w)) != 0 || len(ix.Endpoints(echoKey)) != 0 {
+		t.Error("a missing policy or service must apply to nothing")
+	}
+	// Duplicates stay errors.
+	if _, err := NewIndex([]*Workload{w, wl("a", "10.0.0.2")}, nil, nil, AllowDangling()); err == nil {
+		t.Error("duplicate uid accepted")
+	}
+}

@@ -1,0 +1,221 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/workload"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	statuspb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	wapi "istio.io/istio/pkg/workloadapi"
+	sapi "istio.io/istio/pkg/workloadapi/security"
+)
+
+// Client subscribes (wildcard) to both types over delta ADS, keeps the
+// resources with their versions, and hands each consistent view to Apply.
+// A push that does not convert or does not fit together is NACKed with the
+// reason, and the previous view stays. It reconnects with backoff (10 ms
+// doubling to 15 s), telling the server what it holds.
+type Client struct {
+	Conn   *grpc.ClientConn
+	NodeID string
+	// Apply receives each new index; an error NACKs the push.
+	Apply func(*workload.Index) error
+	Log   *slog.Logger
+
+	mu       sync.Mutex
+	state    map[string]map[string]resource // type -> name -> resource
+	acked    map[string]bool
+	lastNACK string
+}
+
+type resource struct {
+	version string
+	w       *workload.Workload
+	s       *workload.Service
+	p       *authz.Policy
+}
+
+// Ready reports whether both types were ACKed at least once.
+func (c *Client) Ready() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.acked[AddressType] && c.acked[AuthorizationType]
+}
+
+// LastNACK is the reason of the latest rejected push, if any.
+func (c *Client) LastNACK() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastNACK
+}
+
+// Run keeps the subscription until ctx ends.
+func (c *Client) Run(ctx context.Context) error {
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	c.mu.Lock()
+	if c.state == nil {
+		c.state = map[string]map[string]resource{AddressType: {}, AuthorizationType: {}}
+		c.acked = map[string]bool{}
+	}
+	c.mu.Unlock()
+	backoff := 10 * time.Millisecond
+	for {
+		start := time.Now()
+		err := c.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > 30*time.Second {
+			backoff = 10 * time.Millisecond
+		}
+		c.Log.Warn("xds stream ended; reconnecting", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 15*time.Second)
+	}
+}
+
+func (c *Client) session(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(c.Conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	node := &corev3.Node{Id: c.NodeID}
+	for _, typ := range []string{AddressType, AuthorizationType} {
+		c.mu.Lock()
+		have := map[string]string{}
+		for name, r := range c.state[typ] {
+			have[name] = r.version
+		}
+		c.mu.Unlock()
+		// No names to subscribe: a wildcard subscription.
+		if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{Node: node, TypeUrl: typ, InitialResourceVersions: have}); err != nil {
+			return err
+		}
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		ack := &discoverygrpc.DeltaDiscoveryRequest{Node: node, TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
+		if err := c.handle(resp); err != nil {
+			ack.ErrorDetail = &statuspb.Status{Code: 3, Message: err.Error()} // INVALID_ARGUMENT
+			c.mu.Lock()
+			c.lastNACK = err.Error()
+			c.mu.Unlock()
+			c.Log.Warn("xds push rejected (NACK); keeping the last good config", "type", resp.GetTypeUrl(), "err", err)
+		}
+		if err := stream.Send(ack); err != nil {
+			return err
+		}
+	}
+}
+
+// handle applies one push to a copy of the state; only a push that
+// converts, fits together and is applied replaces the state.
+func (c *Client) handle(resp *discoverygrpc.DeltaDiscoveryResponse) error {
+	typ := resp.GetTypeUrl()
+	if typ != AddressType && typ != AuthorizationType {
+		return fmt.Errorf("unknown type %s", typ)
+	}
+	c.mu.Lock()
+	next := map[string]map[string]resource{}
+	for t, m := range c.state {
+		cp := make(map[string]resource, len(m))
+		for k, v := range m {
+			cp[k] = v
+		}
+		next[t] = cp
+	}
+	c.mu.Unlock()
+	for _, name := range resp.GetRemovedResources() {
+		delete(next[typ], name)
+	}
+	var errs []error
+	for _, r := range resp.GetResources() {
+		var res resource
+		var err error
+		switch typ {
+		case AddressType:
+			var a wapi.Address
+			if err = r.GetResource().UnmarshalTo(&a); err == nil {
+				switch {
+				case a.GetWorkload() != nil:
+					res.w, err = WorkloadFromProto(a.GetWorkload())
+				case a.GetService() != nil:
+					res.s, err = ServiceFromProto(a.GetService())
+				default:
+					err = errors.New("address holds neither a workload nor a service")
+				}
+			}
+		case AuthorizationType:
+			var p sapi.Authorization
+			if err = r.GetResource().UnmarshalTo(&p); err == nil {
+				res.p, err = PolicyFromProto(&p)
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", r.GetName(), err))
+			continue
+		}
+		res.version = r.GetVersion()
+		next[typ][r.GetName()] = res
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	ix, err := build(next)
+	if err != nil {
+		return err
+	}
+	if c.Apply != nil {
+		if err := c.Apply(ix); err != nil {
+			return err
+		}
+	}
+	c.mu.Lock()
+	c.state = next
+	c.acked[typ] = true
+	c.mu.Unlock()
+	return nil
+}
+
+func build(st map[string]map[string]resource) (*workload.Index, error) {
+	var ws []*workload.Workload
+	var ss []*workload.Service
+	var ps []*authz.Policy
+	for _, r := range st[AddressType] {
+		if r.w != nil {
+			ws = append(ws, r.w)
+		}
+		if r.s != nil {
+			ss = append(ss, r.s)
+		}
+	}
+	for _, r := range st[AuthorizationType] {
+		ps = append(ps, r.p)
+	}
+	// A stable order for dumps; references may point ahead (see AllowDangling).
+	slices.SortFunc(ws, func(a, b *workload.Workload) int { return strings.Compare(a.UID, b.UID) })
+	slices.SortFunc(ss, func(a, b *workload.Service) int { return strings.Compare(a.Key().String(), b.Key().String()) })
+	slices.SortFunc(ps, func(a, b *authz.Policy) int { return strings.Compare(a.Key(), b.Key()) })
+	return workload.NewIndex(ws, ss, ps, workload.AllowDangling())
+}

@@ -1,0 +1,138 @@
+package xds
+
+import (
+	"context"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/config"
+	"github.com/ambitmesh/ambit/internal/workload"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+	wapi "istio.io/istio/pkg/workloadapi"
+)
+
+// serve runs an xDS server on addr (":0" for any) until the returned stop.
+func serve(t *testing.T, addr string, ix *workload.Index) (*Server, string, func()) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := NewServer(ctx, nil)
+	if err := s.SetIndex(ix); err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	s.Register(g)
+	go g.Serve(l)
+	return s, l.Addr().String(), func() { g.Stop(); cancel() }
+}
+
+func parse(t *testing.T, doc string) *workload.Index {
+	ix, err := config.Parse("mesh.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ix
+}
+
+type latest struct {
+	mu sync.Mutex
+	ix *workload.Index
+	n  int
+}
+
+func (l *latest) apply(ix *workload.Index) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ix, l.n = ix, l.n+1
+	return nil
+}
+
+func (l *latest) get() *workload.Index { l.mu.Lock(); defer l.mu.Unlock(); return l.ix }
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+const one = `workloads:
+- {uid: u1, name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, authorizationPolicies: [default/p]}
+services:
+- {name: s, namespace: default, hostname: s.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
+policies:
+- {name: p, namespace: default, scope: WorkloadSelector, action: Allow, rules: [[[{destinationPorts: [8080]}]]]}
+`
+
+func TestDeltaADSEndToEnd(t *testing.T) {
+	srv, addr, stop := serve(t, "127.0.0.1:0", parse(t, one))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	got := &latest{}
+	c := &Client{Conn: conn, NodeID: "node-a", Apply: got.apply}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { c.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	waitFor(t, "both types acked", c.Ready)
+	waitFor(t, "the initial mesh", func() bool {
+		ix := got.get()
+		return ix != nil && len(ix.Workloads()) == 1 && len(ix.Services()) == 1 && len(ix.Policies()) == 1
+	})
+	if w := got.get().WorkloadByUID("u1"); w == nil || len(got.get().PoliciesFor(w)) != 1 {
+		t.Fatal("the workload lost its policy on the way")
+	}
+
+	// A live change: a workload added, the policy removed.
+	two := strings.Replace(one, "policies:\n- {name: p", "more:\n- {name: p", 1)
+	two = strings.Replace(two, "more:\n- {name: p, namespace: default, scope: WorkloadSelector, action: Allow, rules: [[[{destinationPorts: [8080]}]]]}\n", "", 1)
+	two = strings.Replace(two, "workloads:\n", "workloads:\n- {uid: u2, name: b, namespace: default, workloadIps: [\"10.0.0.2\"], protocol: HBONE}\n", 1)
+	two = strings.Replace(two, ", authorizationPolicies: [default/p]", "", 1)
+	if err := srv.SetIndex(parse(t, two)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the change", func() bool {
+		ix := got.get()
+		return len(ix.Workloads()) == 2 && len(ix.Policies()) == 0
+	})
+
+	// An invalid push is NACKed with its reason; the last good view stays.
+	before := got.get()
+	bad := map[string]proto.Message{
+		"u1":   WorkloadToProto(before.WorkloadByUID("u1")),
+		"u2":   WorkloadToProto(before.WorkloadByUID("u2")),
+		"s":    ServiceToProto(before.Services()[0]),
+		"evil": &wapi.Address{Type: &wapi.Address_Workload{Workload: &wapi.Workload{Uid: "evil", Addresses: [][]byte{{1, 2, 3}}}}},
+	}
+	if err := srv.Publish(AddressType, bad); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the NACK", func() bool { return strings.Contains(c.LastNACK(), "evil: workload evil: address 0 is 3 bytes") })
+	if got.get() != before {
+		t.Fatal("a NACKed push replaced the index")
+	}
+
+	// The control plane restarts on the same address: the client comes
+	// back, telling what it holds, and converges on the new server's view.
+	stop()
+	_, _, stop2 := serve(t, addr, parse(t, one))
+	defer stop2()
+	waitFor(t, "convergence after the restart", func() bool {
+		ix := got.get()
+		return len(ix.Workloads()) == 1 && len(ix.Policies()) == 1 && ix.WorkloadByUID("u2") == nil
+	})
+}
