@@ -6,20 +6,25 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/proxy"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
+	"github.com/ambitmesh/ambit/internal/xds"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 )
 
 func newProxyCmd() *cobra.Command {
 	var (
 		cfgPath, caDir, wl, node, listenIP, logFormat, logLevel, zdsSocket string
+		xdsAddr, caAddr, tokenFile, rootCert                               string
 		certTTL                                                            time.Duration
 	)
 	cmd := &cobra.Command{
@@ -34,8 +39,15 @@ listener to its IP (run several on 127.0.0.x without root); --node NAME serves
 all workloads of a node.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if cfgPath == "" || caDir == "" {
-				return fmt.Errorf("--config and --ca-dir are required")
+			remote := xdsAddr != "" || caAddr != ""
+			if remote && (xdsAddr == "" || caAddr == "" || tokenFile == "" || rootCert == "") {
+				return fmt.Errorf("a control plane needs --xds-address, --ca-address, --token-file and --root-cert together")
+			}
+			if remote && (cfgPath != "" || caDir != "") {
+				return fmt.Errorf("--config/--ca-dir and a control plane (--xds-address) are alternatives: use one")
+			}
+			if !remote && (cfgPath == "" || caDir == "") {
+				return fmt.Errorf("--config and --ca-dir are required (or a control plane: --xds-address, --ca-address, --token-file, --root-cert)")
 			}
 			if (wl == "") == (node == "") {
 				return fmt.Errorf("set exactly one of --workload NS/NAME or --node NAME")
@@ -62,18 +74,66 @@ all workloads of a node.`,
 					return fmt.Errorf("--listen-ip: %w", err)
 				}
 			}
-			ca, err := identity.LoadCA(caDir)
-			if err != nil {
-				return err
-			}
-			certs := identity.NewManager(&identity.LocalIssuer{CA: ca, TTL: certTTL}, log)
-			defer certs.Close()
-
+			ctx := cmd.Context()
+			var certs *identity.Manager
 			var initial *workload.Index
-			watcher := &config.Watcher{Path: cfgPath, Log: log, Apply: func(ix *workload.Index) { initial = ix }}
-			if err := watcher.Load(); err != nil {
-				return err
+			var watcher *config.Watcher
+			var xc *xds.Client
+			var pmu sync.Mutex
+			var running *proxy.Proxy
+			first := make(chan *workload.Index, 1) // pushes before the proxy exists
+			if remote {
+				token := caclient.TokenFile(tokenFile)
+				caConn, err := caclient.Dial(caAddr, rootCert, "")
+				if err != nil {
+					return err
+				}
+				defer caConn.Close()
+				certs = identity.NewManager(&caclient.Issuer{Conn: caConn, Token: token, TTL: certTTL,
+					Self: identity.ID{TrustDomain: "cluster.local", Namespace: "istio-system", ServiceAccount: "ztunnel"}}, log)
+				xdsConn, err := caclient.Dial(xdsAddr, rootCert, "", grpc.WithPerRPCCredentials(caclient.Bearer(token)))
+				if err != nil {
+					return err
+				}
+				defer xdsConn.Close()
+				xc = &xds.Client{Conn: xdsConn, NodeID: node + wl, Log: log, Apply: func(ix *workload.Index) error {
+					pmu.Lock()
+					defer pmu.Unlock()
+					if running != nil {
+						return running.SetIndex(ix)
+					}
+					select {
+					case <-first:
+					default:
+					}
+					first <- ix
+					return nil
+				}}
+				go xc.Run(ctx)
+				log.Info("waiting for the control plane's first push", "xds", xdsAddr)
+				deadline := time.After(30 * time.Second)
+				for !xc.Ready() {
+					select {
+					case <-ctx.Done():
+						return ctx.Err()
+					case <-deadline:
+						return fmt.Errorf("no complete configuration from the control plane at %s within 30 s", xdsAddr)
+					case <-time.After(50 * time.Millisecond):
+					}
+				}
+				initial = <-first
+			} else {
+				ca, err := identity.LoadCA(caDir)
+				if err != nil {
+					return err
+				}
+				certs = identity.NewManager(&identity.LocalIssuer{CA: ca, TTL: certTTL}, log)
+				watcher = &config.Watcher{Path: cfgPath, Log: log, Apply: func(ix *workload.Index) { initial = ix }}
+				if err := watcher.Load(); err != nil {
+					return err
+				}
 			}
+			defer certs.Close()
 			p, err := proxy.New(proxy.Options{
 				Workload: wl, Node: node, ListenIP: lip,
 				Certs: certs, Log: log, LogLevel: level,
@@ -82,14 +142,27 @@ all workloads of a node.`,
 			if err != nil {
 				return err
 			}
-			watcher.Apply = func(ix *workload.Index) {
+			pmu.Lock()
+			running = p
+			select {
+			case ix := <-first: // pushed after the first sync, before the proxy existed
 				if err := p.SetIndex(ix); err != nil {
 					log.Error("config change not applied", "err", err)
 				}
+			default:
 			}
-			ctx := cmd.Context()
+			pmu.Unlock()
 			done := make(chan struct{}, 2)
-			go func() { watcher.Run(ctx); done <- struct{}{} }()
+			if watcher != nil {
+				watcher.Apply = func(ix *workload.Index) {
+					if err := p.SetIndex(ix); err != nil {
+						log.Error("config change not applied", "err", err)
+					}
+				}
+				go func() { watcher.Run(ctx); done <- struct{}{} }()
+			} else {
+				done <- struct{}{}
+			}
 			if zdsSocket != "" {
 				if node == "" {
 					return fmt.Errorf("--zds-socket needs --node: in-pod capture serves a node's pods")
@@ -116,5 +189,9 @@ all workloads of a node.`,
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error (changeable at runtime on the admin port)")
 	f.DurationVar(&certTTL, "cert-ttl", identity.DefaultCertTTL, "workload certificate lifetime")
 	f.StringVar(&zdsSocket, "zds-socket", "", "shared mode: take pods from the node agent on this ZDS socket (in-pod capture)")
+	f.StringVar(&xdsAddr, "xds-address", "", "control plane: delta xDS address (instead of --config)")
+	f.StringVar(&caAddr, "ca-address", "", "control plane: CA address (instead of --ca-dir)")
+	f.StringVar(&tokenFile, "token-file", "", "control plane: file holding this node's bearer token")
+	f.StringVar(&rootCert, "root-cert", "", "control plane: root certificate(s) to trust it with")
 	return cmd
 }

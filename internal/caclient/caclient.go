@@ -26,7 +26,7 @@ const DefaultServerName = "istiod.istio-system.svc"
 
 // Dial connects to the CA over TLS, trusting the roots in rootCertFile and
 // expecting serverName (default istiod.istio-system.svc).
-func Dial(addr, rootCertFile, serverName string) (*grpc.ClientConn, error) {
+func Dial(addr, rootCertFile, serverName string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	pemData, err := os.ReadFile(rootCertFile)
 	if err != nil {
 		return nil, fmt.Errorf("ca client: root cert: %w", err)
@@ -43,7 +43,7 @@ func Dial(addr, rootCertFile, serverName string) (*grpc.ClientConn, error) {
 		serverName = DefaultServerName
 	}
 	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS12})
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	return grpc.NewClient(addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts...)...)
 }
 
 // Issuer is an identity.Issuer backed by a remote CA.
@@ -117,3 +117,20 @@ func (i *Issuer) Issue(ctx context.Context, id identity.ID) (*identity.Certifica
 	}
 	return cert, nil
 }
+
+// Bearer is gRPC per-call credentials carrying "authorization: Bearer
+// <token>", read fresh for each call; for the xDS stream.
+type Bearer func() (string, error)
+
+// GetRequestMetadata implements credentials.PerRPCCredentials.
+func (b Bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	tok, err := b()
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"authorization": "Bearer " + tok}, nil
+}
+
+// RequireTransportSecurity implements credentials.PerRPCCredentials: a
+// token never travels in clear.
+func (Bearer) RequireTransportSecurity() bool { return true }

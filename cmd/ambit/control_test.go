@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/testutil"
+)
+
+// runCtx runs ambit's command line until ctx ends; it returns the error.
+func runCtx(ctx context.Context, args ...string) error {
+	root := newRoot()
+	root.SetArgs(args)
+	root.SetOut(io.Discard)
+	root.SetErr(io.Discard)
+	return root.ExecuteContext(ctx)
+}
+
+// The proxies take their config over xDS and their certificates from the
+// remote CA; a policy written on the control plane reaches them live.
+func TestControlPlaneEndToEnd(t *testing.T) {
+	n := 200 + os.Getpid()%50 // a 127.0.n.0/24 of this test's own
+	ip := func(last int) string { return fmt.Sprintf("127.0.%d.%d", n, last) }
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if _, err := run(t, "ca", "init", "--dir", caDir); err != nil {
+		t.Fatal(err)
+	}
+	tokens := filepath.Join(dir, "tokens")
+	os.WriteFile(tokens, []byte("token-node-a-0123456789 node-a\ntoken-node-b-0123456789 node-b\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "a.token"), []byte("token-node-a-0123456789\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "b.token"), []byte("token-node-b-0123456789\n"), 0o600)
+	mesh := func(policy string) string {
+		return fmt.Sprintf(`workloads:
+- {uid: t//client, name: client, namespace: default, serviceAccount: client, workloadIps: ["%s"], protocol: HBONE, node: node-a}
+- {uid: t//server, name: server, namespace: default, serviceAccount: server, workloadIps: ["%s"], protocol: HBONE, node: node-b}
+%s`, ip(10), ip(20), policy)
+	}
+	cfg := filepath.Join(dir, "mesh.yaml")
+	write := func(s string) {
+		os.WriteFile(cfg+".tmp", []byte(s), 0o644)
+		os.Rename(cfg+".tmp", cfg)
+	}
+	write(mesh(""))
+	testutil.Echo(t, ip(20)+":8080", nil)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	start := func(args ...string) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := runCtx(ctx, args...); err != nil && ctx.Err() == nil {
+				t.Errorf("%v: %v", args[:2], err)
+			}
+		}()
+	}
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	cp := ip(1) + ":15012"
+	start("control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
+	root := filepath.Join(caDir, "root-cert.pem")
+	for _, p := range []struct{ wl, tok string }{{"default/client", "a.token"}, {"default/server", "b.token"}} {
+		start("proxy", "--workload", p.wl, "--xds-address", cp, "--ca-address", cp, "--token-file", filepath.Join(dir, p.tok), "--root-cert", root)
+	}
+	for _, a := range []string{ip(10), ip(20)} {
+		testutilWait(t, "proxy "+a+" ready", func() bool {
+			resp, err := http.Get("http://" + a + ":15021/healthz/ready")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == 200
+		})
+	}
+	// Through the mesh, with certificates the proxies never saw a CA key for.
+	c := socks(t, ip(10), ip(20)+":8080")
+	defer c.Close()
+	c.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo through the mesh: %q %v", buf, err)
+	}
+	dump, _ := http.Get("http://" + ip(20) + ":15000/config_dump")
+	b, _ := io.ReadAll(dump.Body)
+	dump.Body.Close()
+	if !strings.Contains(string(b), `"identity": "spiffe://cluster.local/ns/default/sa/server"`) {
+		t.Errorf("the server proxy holds no certificate for its workload:\n%s", b)
+	}
+	// A DENY policy written on the control plane closes the live connection.
+	write(mesh("policies:\n- {name: deny-client, namespace: default, scope: Namespace, action: Deny, rules: [[[{principals: [!Exact cluster.local/ns/default/sa/client]}]]]}\n"))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(buf); err == nil {
+		t.Fatal("the live connection survived a policy that denies it")
+	}
+	// And a new one is refused.
+	if c2 := socksMaybe(ip(10), ip(20)+":8080"); c2 != nil {
+		c2.Close()
+		t.Fatal("a new connection was allowed after the DENY policy")
+	}
+}
+
+// socks opens a SOCKS5 CONNECT through the proxy at proxyIP:15080.
+func socks(t *testing.T, proxyIP, target string) *net.TCPConn {
+	t.Helper()
+	c := socksMaybe(proxyIP, target)
+	if c == nil {
+		t.Fatalf("SOCKS to %s through %s refused", target, proxyIP)
+	}
+	return c
+}
+
+func socksMaybe(proxyIP, target string) *net.TCPConn {
+	c, err := net.Dial("tcp", proxyIP+":15080")
+	if err != nil {
+		return nil
+	}
+	ap := netip.MustParseAddrPort(target)
+	a := ap.Addr().As4()
+	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, a[:]...)
+	c.Write(binary.BigEndian.AppendUint16(req, ap.Port()))
+	resp := make([]byte, 12)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, resp); err != nil || resp[3] != 0 {
+		c.Close()
+		return nil
+	}
+	c.SetReadDeadline(time.Time{})
+	return c.(*net.TCPConn)
+}
