@@ -44,7 +44,15 @@ func Up(t *Topology) (err error) {
 		if err := h.LinkAdd(br); err != nil {
 			return fmt.Errorf("bridge: %w", err)
 		}
-		return h.LinkSetUp(br)
+		lo, err := h.LinkByName("lo")
+		if err == nil {
+			err = h.LinkSetUp(lo)
+		}
+		if err != nil {
+			return err
+		}
+		// The control plane's address on the wire (see ControlAddr).
+		return upWithAddr(h, "wire0", netip.MustParsePrefix("172.30.255.254/16"))
 	}); err != nil {
 		return fmt.Errorf("lab: wire: %w", err)
 	}

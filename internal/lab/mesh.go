@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -102,6 +104,30 @@ func StartMesh(t *Topology, self string, out io.Writer, proxyLogLevel string) er
 	if err := os.WriteFile(t.meshFile(), mesh, 0o644); err != nil {
 		return err
 	}
+	// The control plane runs on the wire, where every node reaches it; it
+	// alone reads the config and holds the CA key. Each node gets a token.
+	var tokens strings.Builder
+	for _, n := range t.Nodes {
+		tok, err := randomToken()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(&tokens, "%s %s\n", tok, n.Name)
+		if err := os.MkdirAll(filepath.Dir(t.tokenFile(n.Name)), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(t.tokenFile(n.Name), []byte(tok+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(t.tokensFile(), []byte(tokens.String()), 0o600); err != nil {
+		return err
+	}
+	if _, err := Start(t.Name, t.wireNS(), "control", self, []string{self, "control", "--config", t.meshFile(),
+		"--ca-dir", t.caDir(), "--tokens", t.tokensFile(), "--listen", ControlAddr}); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "control plane on %s (CA and xDS; the proxies hold no CA key)\n", ControlAddr)
 	for _, n := range t.Nodes {
 		if err := os.MkdirAll(filepath.Dir(t.zdsSocket(n.Name)), 0o755); err != nil {
 			return err
@@ -306,8 +332,25 @@ func UpAll(t *Topology, data []byte, self string, out io.Writer, o UpOptions) er
 
 func (t *Topology) startProxy(node, self, level string) error {
 	_, err := Start(t.Name, t.nodeNS(node), "proxy-"+node, self, []string{self, "proxy", "--node", node,
-		"--config", t.meshFile(), "--ca-dir", t.caDir(), "--zds-socket", t.zdsSocket(node), "--log-level", level})
+		"--xds-address", ControlAddr, "--ca-address", ControlAddr, "--token-file", t.tokenFile(node),
+		"--root-cert", filepath.Join(t.caDir(), identity.RootCertFile), "--zds-socket", t.zdsSocket(node), "--log-level", level})
 	return err
+}
+
+// ControlAddr is where the lab's control plane listens, on the wire.
+const ControlAddr = "172.30.255.254:15012"
+
+func (t *Topology) tokensFile() string { return filepath.Join(StateDir(t.Name), "tokens") }
+func (t *Topology) tokenFile(node string) string {
+	return filepath.Join(StateDir(t.Name), node, "token")
+}
+
+func randomToken() (string, error) {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b), nil
 }
 
 // StopProxy stops a node's proxy: its pods' connections are refused (the
