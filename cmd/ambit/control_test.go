@@ -68,7 +68,12 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 	}
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	cp := ip(1) + ":15012"
-	start("control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
+	cpCtx, stopCP := context.WithCancel(ctx)
+	cpDone := make(chan struct{})
+	go func() {
+		defer close(cpDone)
+		runCtx(cpCtx, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
+	}()
 	root := filepath.Join(caDir, "root-cert.pem")
 	for _, p := range []struct{ wl, tok string }{{"default/client", "a.token"}, {"default/server", "b.token"}} {
 		start("proxy", "--workload", p.wl, "--xds-address", cp, "--ca-address", cp, "--token-file", filepath.Join(dir, p.tok), "--root-cert", root)
@@ -97,9 +102,31 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 	if !strings.Contains(string(b), `"identity": "spiffe://cluster.local/ns/default/sa/server"`) {
 		t.Errorf("the server proxy holds no certificate for its workload:\n%s", b)
 	}
+	// The control plane goes away: the data path goes on with what it has.
+	stopCP()
+	<-cpDone
+	if c2 := socksMaybe(ip(10), ip(20)+":8080"); c2 == nil {
+		t.Fatal("a new connection failed while the control plane was down")
+	} else {
+		c2.Close()
+	}
+	// It comes back; the proxies reconnect by themselves (backoff) and
+	// take its changes again.
+	cpCtx, stopCP = context.WithCancel(ctx)
+	cpDone = make(chan struct{})
+	go func() {
+		defer close(cpDone)
+		runCtx(cpCtx, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
+	}()
+	t.Cleanup(func() { stopCP(); <-cpDone })
+	// The connection opened before the restart is still alive.
+	c.Write([]byte("pong"))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "pong" {
+		t.Fatalf("the live connection did not survive the control plane's restart: %q %v", buf, err)
+	}
 	// A DENY policy written on the control plane closes the live connection.
 	write(mesh("policies:\n- {name: deny-client, namespace: default, scope: Namespace, action: Deny, rules: [[[{principals: [!Exact cluster.local/ns/default/sa/client]}]]]}\n"))
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(20 * time.Second)) // includes the proxies' reconnect backoff
 	if _, err := c.Read(buf); err == nil {
 		t.Fatal("the live connection survived a policy that denies it")
 	}
