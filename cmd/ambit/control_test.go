@@ -27,37 +27,47 @@ func runCtx(ctx context.Context, args ...string) error {
 	return root.ExecuteContext(ctx)
 }
 
-// The proxies take their config over xDS and their certificates from the
-// remote CA; a policy written on the control plane reaches them live.
-func TestControlPlaneEndToEnd(t *testing.T) {
-	n := 200 + os.Getpid()%50 // a 127.0.n.0/24 of this test's own
-	ip := func(last int) string { return fmt.Sprintf("127.0.%d.%d", n, last) }
+// cpMesh is a control plane and two dedicated proxies (client on .10 for
+// node-a, server on .20 for node-b, an echo app on .20:8080) in a
+// 127.0.n.0/24 of the test's own.
+type cpMesh struct {
+	ip         func(int) string
+	write      func(string)
+	mesh       func(policy string) string
+	start      func(args ...string)
+	cfg, caDir string
+	tokens     string
+}
+
+func newCPMesh(t *testing.T, n int, proxyArgs ...string) *cpMesh {
+	m := &cpMesh{}
+	m.ip = func(last int) string { return fmt.Sprintf("127.0.%d.%d", n, last) }
 	dir := t.TempDir()
-	caDir := filepath.Join(dir, "ca")
-	if _, err := run(t, "ca", "init", "--dir", caDir); err != nil {
+	m.caDir = filepath.Join(dir, "ca")
+	if _, err := run(t, "ca", "init", "--dir", m.caDir); err != nil {
 		t.Fatal(err)
 	}
-	tokens := filepath.Join(dir, "tokens")
-	os.WriteFile(tokens, []byte("token-node-a-0123456789 node-a\ntoken-node-b-0123456789 node-b\n"), 0o600)
+	m.tokens = filepath.Join(dir, "tokens")
+	os.WriteFile(m.tokens, []byte("token-node-a-0123456789 node-a\ntoken-node-b-0123456789 node-b\n"), 0o600)
 	os.WriteFile(filepath.Join(dir, "a.token"), []byte("token-node-a-0123456789\n"), 0o600)
 	os.WriteFile(filepath.Join(dir, "b.token"), []byte("token-node-b-0123456789\n"), 0o600)
-	mesh := func(policy string) string {
+	m.mesh = func(policy string) string {
 		return fmt.Sprintf(`workloads:
 - {uid: t//client, name: client, namespace: default, serviceAccount: client, workloadIps: ["%s"], protocol: HBONE, node: node-a}
 - {uid: t//server, name: server, namespace: default, serviceAccount: server, workloadIps: ["%s"], protocol: HBONE, node: node-b}
-%s`, ip(10), ip(20), policy)
+%s`, m.ip(10), m.ip(20), policy)
 	}
-	cfg := filepath.Join(dir, "mesh.yaml")
-	write := func(s string) {
-		os.WriteFile(cfg+".tmp", []byte(s), 0o644)
-		os.Rename(cfg+".tmp", cfg)
+	m.cfg = filepath.Join(dir, "mesh.yaml")
+	m.write = func(s string) {
+		os.WriteFile(m.cfg+".tmp", []byte(s), 0o644)
+		os.Rename(m.cfg+".tmp", m.cfg)
 	}
-	write(mesh(""))
-	testutil.Echo(t, ip(20)+":8080", nil)
+	m.write(m.mesh(""))
+	testutil.Echo(t, m.ip(20)+":8080", nil)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	start := func(args ...string) {
+	m.start = func(args ...string) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -67,18 +77,19 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 		}()
 	}
 	t.Cleanup(func() { cancel(); wg.Wait() })
-	cp := ip(1) + ":15012"
-	cpCtx, stopCP := context.WithCancel(ctx)
-	cpDone := make(chan struct{})
-	go func() {
-		defer close(cpDone)
-		runCtx(cpCtx, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
-	}()
-	root := filepath.Join(caDir, "root-cert.pem")
+	return m
+}
+
+// startProxies runs both proxies against the control plane at cp and waits
+// until they are ready.
+func (m *cpMesh) startProxies(t *testing.T, cp string, extra ...string) {
+	root := filepath.Join(m.caDir, "root-cert.pem")
+	dir := filepath.Dir(m.tokens)
 	for _, p := range []struct{ wl, tok string }{{"default/client", "a.token"}, {"default/server", "b.token"}} {
-		start("proxy", "--workload", p.wl, "--xds-address", cp, "--ca-address", cp, "--token-file", filepath.Join(dir, p.tok), "--root-cert", root)
+		args := []string{"proxy", "--workload", p.wl, "--xds-address", cp, "--ca-address", cp, "--token-file", filepath.Join(dir, p.tok), "--root-cert", root}
+		m.start(append(args, extra...)...)
 	}
-	for _, a := range []string{ip(10), ip(20)} {
+	for _, a := range []string{m.ip(10), m.ip(20)} {
 		testutilWait(t, "proxy "+a+" ready", func() bool {
 			resp, err := http.Get("http://" + a + ":15021/healthz/ready")
 			if err != nil {
@@ -88,6 +99,23 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 			return resp.StatusCode == 200
 		})
 	}
+}
+
+// The proxies take their config over xDS and their certificates from the
+// remote CA; a policy written on the control plane reaches them live.
+func TestControlPlaneEndToEnd(t *testing.T) {
+	m := newCPMesh(t, 200+os.Getpid()%25)
+	ip, write, mesh, cfg, caDir, tokens := m.ip, m.write, m.mesh, m.cfg, m.caDir, m.tokens
+	ctx, cancelAll := context.WithCancel(context.Background())
+	t.Cleanup(cancelAll)
+	cp := ip(1) + ":15012"
+	cpCtx, stopCP := context.WithCancel(ctx)
+	cpDone := make(chan struct{})
+	go func() {
+		defer close(cpDone)
+		runCtx(cpCtx, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", tokens, "--listen", cp)
+	}()
+	m.startProxies(t, cp)
 	// Through the mesh, with certificates the proxies never saw a CA key for.
 	c := socks(t, ip(10), ip(20)+":8080")
 	defer c.Close()
@@ -164,4 +192,51 @@ func socksMaybe(proxyIP, target string) *net.TCPConn {
 	}
 	c.SetReadDeadline(time.Time{})
 	return c.(*net.TCPConn)
+}
+
+// Certificates of a few seconds are renewed through the remote CA again and
+// again while one connection carries traffic without a break; new
+// connections use the new certificates.
+func TestCertificateRotationDuringATransfer(t *testing.T) {
+	m := newCPMesh(t, 225+os.Getpid()%25)
+	cp := m.ip(1) + ":15012"
+	m.start("control", "--config", m.cfg, "--ca-dir", m.caDir, "--tokens", m.tokens, "--listen", cp)
+	m.startProxies(t, cp, "--cert-ttl", "4s")
+	serial := func() string {
+		resp, err := http.Get("http://" + m.ip(20) + ":15000/config_dump")
+		if err != nil {
+			return ""
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		i := strings.Index(string(b), `"serial": "`)
+		if i < 0 {
+			return ""
+		}
+		return string(b[i+11 : i+11+8])
+	}
+	c := socks(t, m.ip(10), m.ip(20)+":8080")
+	defer c.Close()
+	seen := map[string]bool{}
+	buf := make([]byte, 32<<10)
+	back := make([]byte, len(buf))
+	for end := time.Now().Add(9 * time.Second); time.Now().Before(end); {
+		for i := range buf {
+			buf[i] = byte(i) ^ byte(time.Now().UnixNano())
+		}
+		if _, err := c.Write(buf); err != nil {
+			t.Fatalf("write during rotation: %v", err)
+		}
+		if _, err := io.ReadFull(c, back); err != nil || string(back) != string(buf) {
+			t.Fatalf("echo during rotation: %v", err)
+		}
+		seen[serial()] = true
+		time.Sleep(20 * time.Millisecond)
+	}
+	delete(seen, "")
+	if len(seen) < 3 {
+		t.Fatalf("saw %d certificates for the server in 9 s with a 4 s TTL, want renewals", len(seen))
+	}
+	c2 := socks(t, m.ip(10), m.ip(20)+":8080")
+	c2.Close()
 }
