@@ -3,14 +3,11 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 
-	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/control"
 	"github.com/ambitmesh/ambit/internal/identity"
-	"github.com/ambitmesh/ambit/internal/workload"
 	"github.com/spf13/cobra"
 )
 
@@ -37,29 +34,7 @@ func newControlCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var initial *workload.Index
-			w := &config.Watcher{Path: cfgPath, Log: log, Apply: func(ix *workload.Index) { initial = ix }}
-			if err := w.Load(); err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			srv, err := control.NewServer(ctx, ca, tokens, ap.Addr(), initial, log)
-			if err != nil {
-				return err
-			}
-			w.Apply = func(ix *workload.Index) {
-				if err := srv.SetIndex(ix); err != nil {
-					log.Error("config change not published", "err", err)
-				}
-			}
-			l, err := net.Listen("tcp", listen)
-			if err != nil {
-				return err
-			}
-			go w.Run(ctx)
-			go func() { <-ctx.Done(); srv.Stop() }()
-			log.Info("control plane serving", "addr", l.Addr().String(), "config", cfgPath, "nodes", len(tokens))
-			return srv.Serve(l)
+			return control.Run(cmd.Context(), &control.FileSource{Path: cfgPath, Log: log}, ca, tokens, ap, log)
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", "", "ztunnel-format mesh config, watched (required)")

@@ -130,6 +130,24 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 	if !strings.Contains(string(b), `"identity": "spiffe://cluster.local/ns/default/sa/server"`) {
 		t.Errorf("the server proxy holds no certificate for its workload:\n%s", b)
 	}
+	// A service added on the control plane is reachable by name, no restart.
+	if c3 := socksName(ip(10), "late.default.svc.cluster.local", 80); c3 != nil {
+		c3.Close()
+		t.Fatal("a service that does not exist yet was reachable")
+	}
+	write(strings.Replace(mesh("services:\n- {name: late, namespace: default, hostname: late.default.svc.cluster.local, vips: [\"/10.96.7.7\"], ports: {80: 8080}}\n"),
+		"node: node-b}", `node: node-b, services: {"default/late.default.svc.cluster.local": {80: 8080}}}`, 1))
+	testutilWait(t, "the new service through the mesh", func() bool {
+		c3 := socksName(ip(10), "late.default.svc.cluster.local", 80)
+		if c3 == nil {
+			return false
+		}
+		defer c3.Close()
+		c3.Write([]byte("new!"))
+		b := make([]byte, 4)
+		_, err := io.ReadFull(c3, b)
+		return err == nil && string(b) == "new!"
+	})
 	// The control plane goes away: the data path goes on with what it has.
 	stopCP()
 	<-cpDone
@@ -239,4 +257,47 @@ func TestCertificateRotationDuringATransfer(t *testing.T) {
 	}
 	c2 := socks(t, m.ip(10), m.ip(20)+":8080")
 	c2.Close()
+}
+
+// socksName is socksMaybe to a host name (a mesh service's).
+func socksName(proxyIP, host string, port uint16) *net.TCPConn {
+	c, err := net.Dial("tcp", proxyIP+":15080")
+	if err != nil {
+		return nil
+	}
+	req := append([]byte{5, 1, 0, 5, 1, 0, 3, byte(len(host))}, host...)
+	c.Write(binary.BigEndian.AppendUint16(req, port))
+	resp := make([]byte, 12)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, resp); err != nil || resp[3] != 0 {
+		c.Close()
+		return nil
+	}
+	c.SetReadDeadline(time.Time{})
+	return c.(*net.TCPConn)
+}
+
+// The control plane does not start on a bad config or tokens file, and says where.
+func TestControlRefusesBadInput(t *testing.T) {
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if _, err := run(t, "ca", "init", "--dir", caDir); err != nil {
+		t.Fatal(err)
+	}
+	good := filepath.Join(dir, "tokens")
+	os.WriteFile(good, []byte("token-node-a-0123456789 node-a\n"), 0o600)
+	bad := filepath.Join(dir, "bad-tokens")
+	os.WriteFile(bad, []byte("token-node-a-0123456789 node-a extra\n"), 0o600)
+	cfg := filepath.Join(dir, "mesh.yaml")
+	os.WriteFile(cfg, []byte("workloads:\n- {name: a, namespace: d, workloadIps: [\"nope\"]}\n"), 0o644)
+	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", good, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `mesh.yaml:2:45: workloads[0].workloadIps[0]: "nope" is not an IP address`) {
+		t.Errorf("bad config: %v", err)
+	}
+	os.WriteFile(cfg, []byte(""), 0o644)
+	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", bad, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), "bad-tokens:1:") {
+		t.Errorf("bad tokens: %v", err)
+	}
+	if _, err := run(t, "proxy", "--workload", "d/a", "--xds-address", "127.0.0.1:1"); err == nil || !strings.Contains(err.Error(), "together") {
+		t.Errorf("half a control-plane configuration: %v", err)
+	}
 }

@@ -10,10 +10,15 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/workload"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cache "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 	wapi "istio.io/istio/pkg/workloadapi"
+	sapi "istio.io/istio/pkg/workloadapi/security"
 )
 
 // serve runs an xDS server on addr (":0" for any) until the returned stop.
@@ -135,4 +140,52 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 		ix := got.get()
 		return len(ix.Workloads()) == 1 && len(ix.Policies()) == 1 && ix.WorkloadByUID("u2") == nil
 	})
+}
+
+// Interop the other way: Ambit's client against a minimal server built
+// straight from go-control-plane's cache and Istio's generated types (no
+// Ambit code on the server side).
+func TestClientAgainstAMinimalServer(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addrs, auths := cache.NewLinearCache(AddressType), cache.NewLinearCache(AuthorizationType)
+	mux := &cache.MuxCache{
+		Classify:      func(r *cache.Request) string { return r.GetTypeUrl() },
+		ClassifyDelta: func(r *cache.DeltaRequest) string { return r.GetTypeUrl() },
+		Caches:        map[string]cache.Cache{AddressType: addrs, AuthorizationType: auths},
+	}
+	g := grpc.NewServer()
+	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, serverv3.NewServer(ctx, mux, nil))
+	go g.Serve(l)
+	defer g.Stop()
+	addrs.UpdateResources(map[string]types.Resource{
+		"u1": &wapi.Address{Type: &wapi.Address_Workload{Workload: &wapi.Workload{Uid: "u1", Name: "a", Namespace: "ns",
+			Addresses: [][]byte{{10, 0, 0, 1}}, TunnelProtocol: wapi.TunnelProtocol_HBONE, AuthorizationPolicies: []string{"ns/p"}}}},
+	}, nil)
+	auths.UpdateResources(map[string]types.Resource{
+		"ns/p": &sapi.Authorization{Name: "p", Namespace: "ns", Scope: sapi.Scope_WORKLOAD_SELECTOR, Action: sapi.Action_DENY,
+			Groups: []*sapi.Group{{Rules: []*sapi.Rules{{Matches: []*sapi.Match{{DestinationPorts: []uint32{9}}}}}}}},
+	}, nil)
+	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	got := &latest{}
+	c := &Client{Conn: conn, NodeID: "n", Apply: got.apply}
+	go c.Run(ctx)
+	waitFor(t, "the minimal server's resources", func() bool {
+		ix := got.get()
+		if ix == nil || !c.Ready() {
+			return false
+		}
+		w := ix.WorkloadByUID("u1")
+		return w != nil && w.Protocol == workload.ProtocolHBONE && len(ix.PoliciesFor(w)) == 1
+	})
+	addrs.UpdateResources(nil, []string{"u1"})
+	waitFor(t, "the removal", func() bool { return len(got.get().Workloads()) == 0 })
 }
