@@ -290,7 +290,7 @@ func TestControlRefusesBadInput(t *testing.T) {
 	os.WriteFile(bad, []byte("token-node-a-0123456789 node-a extra\n"), 0o600)
 	cfg := filepath.Join(dir, "mesh.yaml")
 	os.WriteFile(cfg, []byte("workloads:\n- {name: a, namespace: d, workloadIps: [\"nope\"]}\n"), 0o644)
-	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", good, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `mesh.yaml:2:45: workloads[0].workloadIps[0]: "nope" is not an IP address`) {
+	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", good, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `mesh.yaml:2:41: workloads[0].workloadIps[0]: "nope" is not an IP address`) {
 		t.Errorf("bad config: %v", err)
 	}
 	os.WriteFile(cfg, []byte(""), 0o644)
