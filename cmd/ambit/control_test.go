@@ -130,14 +130,18 @@ func TestControlPlaneEndToEnd(t *testing.T) {
 	if !strings.Contains(string(b), `"identity": "spiffe://cluster.local/ns/default/sa/server"`) {
 		t.Errorf("the server proxy holds no certificate for its workload:\n%s", b)
 	}
-	// A service added on the control plane is reachable by name, no restart.
+	// A workload (and a service in front of it) added on the control plane
+	// is reachable at once, no restart.
+	testutil.Echo(t, ip(30)+":8080", nil)
 	if c3 := socksName(ip(10), "late.default.svc.cluster.local", 80); c3 != nil {
 		c3.Close()
 		t.Fatal("a service that does not exist yet was reachable")
 	}
-	write(strings.Replace(mesh("services:\n- {name: late, namespace: default, hostname: late.default.svc.cluster.local, vips: [\"/10.96.7.7\"], ports: {80: 8080}}\n"),
-		"node: node-b}", `node: node-b, services: {"default/late.default.svc.cluster.local": {80: 8080}}}`, 1))
-	testutilWait(t, "the new service through the mesh", func() bool {
+	write(mesh(fmt.Sprintf(`- {uid: t//late, name: late, namespace: default, workloadIps: ["%s"], protocol: TCP, node: node-c, services: {"default/late.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: late, namespace: default, hostname: late.default.svc.cluster.local, vips: ["/10.96.7.7"], ports: {80: 8080}}
+`, ip(30))))
+	testutilWait(t, "the new workload through its new service", func() bool {
 		c3 := socksName(ip(10), "late.default.svc.cluster.local", 80)
 		if c3 == nil {
 			return false
