@@ -198,22 +198,9 @@ func socks(t *testing.T, proxyIP, target string) *net.TCPConn {
 }
 
 func socksMaybe(proxyIP, target string) *net.TCPConn {
-	c, err := net.Dial("tcp", proxyIP+":15080")
-	if err != nil {
-		return nil
-	}
 	ap := netip.MustParseAddrPort(target)
 	a := ap.Addr().As4()
-	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, a[:]...)
-	c.Write(binary.BigEndian.AppendUint16(req, ap.Port()))
-	resp := make([]byte, 12)
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(c, resp); err != nil || resp[3] != 0 {
-		c.Close()
-		return nil
-	}
-	c.SetReadDeadline(time.Time{})
-	return c.(*net.TCPConn)
+	return socksRequest(proxyIP, binary.BigEndian.AppendUint16(append([]byte{1}, a[:]...), ap.Port()))
 }
 
 // Certificates of a few seconds are renewed through the remote CA again and
@@ -265,12 +252,18 @@ func TestCertificateRotationDuringATransfer(t *testing.T) {
 
 // socksName is socksMaybe to a host name (a mesh service's).
 func socksName(proxyIP, host string, port uint16) *net.TCPConn {
+	return socksRequest(proxyIP, binary.BigEndian.AppendUint16(append([]byte{3, byte(len(host))}, host...), port))
+}
+
+// socksRequest greets the SOCKS5 port of proxyIP, sends CONNECT to the
+// destination dst (address type, address, port) and returns the connection
+// if the proxy answered "succeeded".
+func socksRequest(proxyIP string, dst []byte) *net.TCPConn {
 	c, err := net.Dial("tcp", proxyIP+":15080")
 	if err != nil {
 		return nil
 	}
-	req := append([]byte{5, 1, 0, 5, 1, 0, 3, byte(len(host))}, host...)
-	c.Write(binary.BigEndian.AppendUint16(req, port))
+	c.Write(append([]byte{5, 1, 0, 5, 1, 0}, dst...))
 	resp := make([]byte, 12)
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(c, resp); err != nil || resp[3] != 0 {
@@ -279,29 +272,4 @@ func socksName(proxyIP, host string, port uint16) *net.TCPConn {
 	}
 	c.SetReadDeadline(time.Time{})
 	return c.(*net.TCPConn)
-}
-
-// The control plane does not start on a bad config or tokens file, and says where.
-func TestControlRefusesBadInput(t *testing.T) {
-	dir := t.TempDir()
-	caDir := filepath.Join(dir, "ca")
-	if _, err := run(t, "ca", "init", "--dir", caDir); err != nil {
-		t.Fatal(err)
-	}
-	good := filepath.Join(dir, "tokens")
-	os.WriteFile(good, []byte("token-node-a-0123456789 node-a\n"), 0o600)
-	bad := filepath.Join(dir, "bad-tokens")
-	os.WriteFile(bad, []byte("token-node-a-0123456789 node-a extra\n"), 0o600)
-	cfg := filepath.Join(dir, "mesh.yaml")
-	os.WriteFile(cfg, []byte("workloads:\n- {name: a, namespace: d, workloadIps: [\"nope\"]}\n"), 0o644)
-	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", good, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `mesh.yaml:2:41: workloads[0].workloadIps[0]: "nope" is not an IP address`) {
-		t.Errorf("bad config: %v", err)
-	}
-	os.WriteFile(cfg, []byte(""), 0o644)
-	if _, err := run(t, "control", "--config", cfg, "--ca-dir", caDir, "--tokens", bad, "--listen", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), "bad-tokens:1:") {
-		t.Errorf("bad tokens: %v", err)
-	}
-	if _, err := run(t, "proxy", "--workload", "d/a", "--xds-address", "127.0.0.1:1"); err == nil || !strings.Contains(err.Error(), "together") {
-		t.Errorf("half a control-plane configuration: %v", err)
-	}
 }

@@ -336,18 +336,7 @@ func (c *converter) workload(i int, in *Workload) (*workload.Workload, error) {
 	if w.UID == "" {
 		w.UID = "Kubernetes//Pod/" + in.Namespace + "/" + in.Name
 	}
-	if w.ServiceAccount == "" {
-		w.ServiceAccount = "default"
-	}
-	if w.TrustDomain == "" {
-		w.TrustDomain = "cluster.local"
-	}
-	if w.ClusterID == "" {
-		w.ClusterID = "Kubernetes"
-	}
-	if w.WorkloadType == "" {
-		w.WorkloadType = "deployment" // what Istio's xDS says when it says nothing (enum zero)
-	}
+	w.FillDefaults()
 	if _, err := identity.New(w.TrustDomain, w.Namespace, w.ServiceAccount); err != nil {
 		return nil, c.errorf(list, i, "serviceAccount", "the workload's identity is not valid: %v", err)
 	}

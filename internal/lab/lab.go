@@ -44,11 +44,7 @@ func Up(t *Topology) (err error) {
 		if err := h.LinkAdd(br); err != nil {
 			return fmt.Errorf("bridge: %w", err)
 		}
-		lo, err := h.LinkByName("lo")
-		if err == nil {
-			err = h.LinkSetUp(lo)
-		}
-		if err != nil {
+		if err := loUp(h); err != nil {
 			return err
 		}
 		// The control plane's address on the wire (see ControlAddr).
@@ -97,11 +93,7 @@ func setupNode(t *Topology, i int, node, wire netns.NsHandle) error {
 		return fmt.Errorf("underlay: %w", err)
 	}
 	return inNS(node, func(h *netlink.Handle) error {
-		lo, err := h.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		if err := h.LinkSetUp(lo); err != nil {
+		if err := loUp(h); err != nil {
 			return err
 		}
 		if err := upWithAddr(h, "eth0", underlay(i)); err != nil {
@@ -145,11 +137,7 @@ func setupPod(t *Topology, podIndex int, pod, node netns.NsHandle) error {
 		return err
 	}
 	return inNS(pod, func(h *netlink.Handle) error {
-		lo, err := h.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		if err := h.LinkSetUp(lo); err != nil {
+		if err := loUp(h); err != nil {
 			return err
 		}
 		if err := upWithAddr(h, "eth0", netip.PrefixFrom(p.ip, n.cidr.Bits())); err != nil {
@@ -272,6 +260,15 @@ func inNS(ns netns.NsHandle, f func(*netlink.Handle) error) error {
 		defer h.Close()
 		return f(h)
 	})
+}
+
+// loUp brings a namespace's loopback up (a new namespace starts with it down).
+func loUp(h *netlink.Handle) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return h.LinkSetUp(lo)
 }
 
 func upWithAddr(h *netlink.Handle, name string, p netip.Prefix) error {

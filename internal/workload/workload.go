@@ -100,6 +100,25 @@ type Workload struct {
 	Locality              Locality                             `json:"locality,omitempty"`
 }
 
+// FillDefaults sets what Istio leaves empty to ztunnel's defaults: trust
+// domain cluster.local, service account default, cluster Kubernetes, and
+// the workload type deployment (the zero of Istio's enum). Every source (the
+// local file, xDS) calls it, so they build the same index.
+func (w *Workload) FillDefaults() {
+	if w.TrustDomain == "" {
+		w.TrustDomain = "cluster.local"
+	}
+	if w.ServiceAccount == "" {
+		w.ServiceAccount = "default"
+	}
+	if w.ClusterID == "" {
+		w.ClusterID = "Kubernetes"
+	}
+	if w.WorkloadType == "" {
+		w.WorkloadType = "deployment"
+	}
+}
+
 // Identity is the workload's SPIFFE ID.
 func (w *Workload) Identity() identity.ID {
 	return identity.ID{TrustDomain: w.TrustDomain, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}

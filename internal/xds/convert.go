@@ -81,15 +81,7 @@ func WorkloadFromProto(p *wapi.Workload) (*workload.Workload, error) {
 		Protocol: workload.ProtocolTCP, Status: workload.Healthy, Capacity: 1,
 		WorkloadType: strings.ToLower(p.WorkloadType.String()),
 	}
-	if w.TrustDomain == "" {
-		w.TrustDomain = "cluster.local"
-	}
-	if w.ServiceAccount == "" {
-		w.ServiceAccount = "default"
-	}
-	if w.ClusterID == "" {
-		w.ClusterID = "Kubernetes"
-	}
+	w.FillDefaults()
 	if p.Capacity != nil {
 		w.Capacity = p.Capacity.Value
 	}
