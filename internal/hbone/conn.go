@@ -720,13 +720,6 @@ func (c *conn) unreserve() {
 	c.checkIdleLocked()
 }
 
-// usable reports whether the connection may take new streams at all.
-func (c *conn) usable() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return !c.closed && !c.goingAway
-}
-
 // activeStreams counts open streams.
 func (c *conn) activeStreams() int {
 	c.mu.Lock()

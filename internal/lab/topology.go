@@ -88,9 +88,6 @@ func (p *Pod) InMesh() bool { return p.Mesh == nil || *p.Mesh }
 // Addr is the pod's IP.
 func (p *Pod) Addr() netip.Addr { return p.ip }
 
-// Prefix is the node's pod CIDR.
-func (n *Node) Prefix() netip.Prefix { return n.cidr }
-
 // Gateway is the node's address in its pod CIDR (the pods' default route).
 func (n *Node) Gateway() netip.Addr { return n.cidr.Addr().Next() }
 

@@ -6,7 +6,6 @@ package socks5
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -164,13 +163,4 @@ func WriteReply(w io.Writer, code byte, bind netip.AddrPort) error {
 	b = append(b, byte(bind.Port()>>8), byte(bind.Port()))
 	_, err := w.Write(b)
 	return err
-}
-
-// ErrReply reports whether err carries a reply already sent.
-func ErrReply(err error) (byte, bool) {
-	var e *Error
-	if errors.As(err, &e) && e.Reply != 0 {
-		return e.Reply, true
-	}
-	return 0, false
 }
