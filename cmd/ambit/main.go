@@ -28,6 +28,6 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newVersionCmd(), newCACmd(), newDemoCmd(), newProxyCmd(), newLabCmd(), newNodeAgentCmd(), newTraceCmd(), newControlCmd())
+	root.AddCommand(newVersionCmd(), newCACmd(), newDemoCmd(), newProxyCmd(), newLabCmd(), newNodeAgentCmd(), newTraceCmd(), newControlCmd(), newBenchCmd())
 	return root
 }

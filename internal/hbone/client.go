@@ -223,7 +223,7 @@ func (d *Dialer) dialConn(ctx context.Context, key poolKey, req Request) (*conn,
 		_ = tc.SetNoDelay(true)
 		_ = tc.SetKeepAlive(true)
 	}
-	tc := tls.Client(nc, clientTLS(cert, req.Expected))
+	tc := tls.Client(newCorkConn(nc), clientTLS(cert, req.Expected))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("hbone dial %s: TLS handshake: %w", req.Address, err)

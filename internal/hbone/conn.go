@@ -25,9 +25,13 @@ import (
 // PING and GOAWAY, and the stream is a byte pipe with half-close in both
 // directions, which a generic HTTP/2 server cannot give a handler.
 //
-// Three goroutines own it: readLoop (frames in), writeLoop (frames out, the
-// only writer of the socket, so a reader never waits on a writer) and, on the
-// client, pingLoop. All end when the connection closes.
+// Three goroutines own it: readLoop (frames in), writeLoop (frames out) and,
+// on the client, pingLoop. All end when the connection closes. Whoever holds
+// the write token (conn.writing) is the only writer of the socket: usually
+// writeLoop, but a Stream.Write that finds the connection idle takes the
+// token and writes its DATA itself, sparing two goroutine hand-offs per
+// chunk (see docs/benchmarks.md). readLoop never takes it: it only queues,
+// so a reader never waits on a writer.
 type conn struct {
 	nc     net.Conn
 	tls    tls.ConnectionState
@@ -43,9 +47,10 @@ type conn struct {
 	onClose func(*conn)
 
 	fr      *http2.Framer // read side; only readLoop uses it
-	bw      *bufio.Writer // write side; only writeLoop uses it
-	dataHdr [9]byte       // writeLoop's scratch for DATA frame headers
+	bw      *bufio.Writer // write side; only the token holder uses it
+	dataHdr [9]byte       // the token holder's scratch for DATA frame headers
 	wf      *http2.Framer // write side framer over bw
+	cork    *corkConn     // under the TLS conn, when there is one
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
@@ -58,6 +63,8 @@ type conn struct {
 	wq      []outFrame
 	wspare  []outFrame
 	wclosed bool // no more frames will be queued; writeLoop drains and ends
+	writing bool  // the write token is taken (by writeLoop or a Stream.Write)
+	werr    error // the first write error; nothing is written after it
 
 	henc *hpack.Encoder
 	hbuf bytes.Buffer
@@ -128,6 +135,7 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 	}
 	if tc, ok := nc.(*tls.Conn); ok {
 		c.tls = tc.ConnectionState()
+		c.cork, _ = tc.NetConn().(*corkConn)
 	}
 	c.wcond.L = &c.mu
 	c.bw = bufio.NewWriterSize(nc, 64<<10)
@@ -189,8 +197,8 @@ func (c *conn) queue(f outFrame) {
 		return
 	}
 	c.wq = append(c.wq, f)
-	if len(c.wq) == 1 {
-		c.wcond.Signal()
+	if len(c.wq) == 1 && !c.writing {
+		c.wcond.Signal() // a token holder drains the queue before it lets go
 	}
 }
 
@@ -201,28 +209,57 @@ func (c *conn) errLocked() error {
 	return ErrConnClosed
 }
 
-// writeLoop is the only goroutine that writes to the socket. It takes every
-// queued frame at once, writes them and flushes once, so streams that write
-// together share TLS records and syscalls.
+// writeLoop writes queued frames whenever no Stream.Write holds the write
+// token. It takes every queued frame at once, writes them and flushes once,
+// so streams that write together share TLS records and syscalls.
 func (c *conn) writeLoop() {
 	defer close(c.writeDone)
-	var werr error
 	for {
 		c.mu.Lock()
-		for len(c.wq) == 0 && !c.wclosed {
+		for c.writing || (len(c.wq) == 0 && !c.wclosed) {
 			c.wcond.Wait()
 		}
 		if len(c.wq) == 0 {
+			werr := c.werr
 			c.mu.Unlock()
 			if werr == nil {
-				werr = c.bw.Flush()
+				_ = c.flush()
 			}
 			return
 		}
-		q := c.wq
+		c.writing = true
+		c.mu.Unlock()
+		c.release(c.drain(0))
+	}
+}
+
+// tryTakeWriter takes the write token if the connection is idle: no holder,
+// nothing queued ahead. c.mu must be held.
+func (c *conn) tryTakeWriter() bool {
+	if c.writing || len(c.wq) > 0 || c.wclosed || c.werr != nil {
+		return false
+	}
+	c.writing = true
+	return true
+}
+
+// maxDrainRounds bounds how long a Stream.Write holding the token serves
+// other streams' frames before it hands the rest to writeLoop.
+const maxDrainRounds = 4
+
+// drain writes queued frames and flushes, as the token holder, until the
+// queue is empty (or rounds run out, when rounds > 0). It returns the
+// first write error.
+func (c *conn) drain(rounds int) error {
+	for i := 0; rounds == 0 || i < rounds; i++ {
+		c.mu.Lock()
+		q, werr := c.wq, c.werr
+		if len(q) == 0 {
+			c.mu.Unlock()
+			break
+		}
 		c.wq, c.wspare = c.wspare[:0], nil
 		c.mu.Unlock()
-
 		for i := range q {
 			if werr == nil {
 				werr = c.writeFrame(&q[i])
@@ -236,16 +273,67 @@ func (c *conn) writeLoop() {
 			}
 			q[i] = outFrame{}
 		}
-		if werr == nil {
-			werr = c.bw.Flush()
-		}
 		c.mu.Lock()
 		c.wspare = q[:0]
+		if werr != nil && c.werr == nil {
+			c.werr = werr
+		}
 		c.mu.Unlock()
-		if werr != nil {
-			c.closeWithError(fmt.Errorf("hbone: write: %w", werr))
+	}
+	c.mu.Lock()
+	werr := c.werr
+	c.mu.Unlock()
+	if werr == nil {
+		if werr = c.flush(); werr != nil {
+			c.mu.Lock()
+			c.werr = werr
+			c.mu.Unlock()
 		}
 	}
+	return werr
+}
+
+// release gives the write token back, waking writeLoop if frames came in
+// meanwhile, and closes the connection after a write error.
+func (c *conn) release(werr error) {
+	c.mu.Lock()
+	c.writing = false
+	if len(c.wq) > 0 || c.wclosed {
+		c.wcond.Broadcast()
+	}
+	c.mu.Unlock()
+	if werr != nil {
+		c.closeWithError(fmt.Errorf("hbone: write: %w", werr))
+	}
+}
+
+// flush pushes the buffered frames through TLS; under the TLS conn the
+// records of one flush are gathered into one write (corkConn).
+func (c *conn) flush() error {
+	if c.cork == nil {
+		return c.bw.Flush()
+	}
+	c.cork.cork()
+	err := c.bw.Flush()
+	if uerr := c.cork.uncork(); err == nil {
+		err = uerr
+	}
+	return err
+}
+
+// writeData writes one DATA frame as the token holder, then whatever other
+// streams queued meanwhile, and flushes.
+func (c *conn) writeData(streamID uint32, p []byte) error {
+	f := outFrame{kind: kindData, streamID: streamID, data: p}
+	err := c.writeFrame(&f)
+	if err != nil {
+		c.mu.Lock()
+		if c.werr == nil {
+			c.werr = err
+		}
+		c.mu.Unlock()
+	}
+	return c.drain(maxDrainRounds)
 }
 
 func (c *conn) writeFrame(f *outFrame) error {
@@ -851,6 +939,9 @@ func (c *conn) closeWithError(err error) {
 	}
 	clear(c.streams)
 	c.mu.Unlock()
+	// A writer blocked on a full socket lets go now, so Close does not wait
+	// on it (it could hold the cork's lock, which the close alert needs).
+	_ = c.nc.SetWriteDeadline(time.Now())
 	c.nc.Close()
 	close(c.done)
 }

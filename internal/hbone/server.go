@@ -166,7 +166,7 @@ func (s *Server) serveConn(nc net.Conn) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
 	defer cancel()
-	tc := tls.Server(nc, &tls.Config{
+	tc := tls.Server(newCorkConn(nc), &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			local, _ := netip.ParseAddrPort(hello.Conn.LocalAddr().String())

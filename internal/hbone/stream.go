@@ -152,10 +152,20 @@ func (s *Stream) Write(p []byte) (int, error) {
 		n = min(n, s.sendWindow, c.sendWindow, int64(c.peerFrame))
 		s.sendWindow -= n
 		c.sendWindow -= n
-		c.queue(outFrame{kind: kindData, streamID: s.id, data: p[:n], done: s.done})
-		c.mu.Unlock()
-		if err := <-s.done; err != nil {
-			return total, err
+		if c.tryTakeWriter() {
+			// The connection is idle: write it here, with no hand-off.
+			c.mu.Unlock()
+			err := c.writeData(s.id, p[:n])
+			c.release(err)
+			if err != nil {
+				return total, err
+			}
+		} else {
+			c.queue(outFrame{kind: kindData, streamID: s.id, data: p[:n], done: s.done})
+			c.mu.Unlock()
+			if err := <-s.done; err != nil {
+				return total, err
+			}
 		}
 		total += int(n)
 		p = p[n:]

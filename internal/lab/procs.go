@@ -45,6 +45,9 @@ func Start(labName, nsName, tag, self string, argv []string) (int, error) {
 	return pid, nil
 }
 
+// Stop ends one process Start ran under tag (TERM, then KILL after a second).
+func Stop(labName, tag string) error { return stop(filepath.Join(StateDir(labName), tag+".pid")) }
+
 // stopAll ends every process the lab started, then removes its state.
 func stopAll(labName string) error {
 	dir := StateDir(labName)
