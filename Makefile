@@ -19,7 +19,10 @@ FUZZ_TARGETS := \
 	./internal/config:FuzzParse \
 	./internal/socks5:FuzzHandshake
 
-.PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke lint deps clean
+FORTIO_VERSION ?= v1.68.2
+GOBIN ?= $(shell $(GO) env GOPATH)/bin
+
+.PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean
 
 all: build
 
@@ -47,12 +50,31 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
 
-bench-smoke:
+# One pass of every Go benchmark, then (as root, as in CI) the lab suite's
+# quick run: seconds per scenario, so neither rots.
+bench-smoke: build
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
+	@if [ "$$(id -u)" = 0 ]; then \
+		$(MAKE) --no-print-directory bench-tools && \
+		PATH="$(GOBIN):$$PATH" ./bin/ambit bench --quick --lab-name benchsmoke; \
+	else echo "SKIP: the lab bench (ambit bench --quick) needs root"; fi
 
-# The figures in docs/benchmarks.md come from this target.
-bench:
-	$(GO) test -run '^$$' -bench Throughput -benchtime $(BENCHTIME) -count $(BENCHCOUNT) ./internal/hbone | tee bench.out
+# The figures in docs/benchmarks.md come from this target: the loopback
+# benchmarks (HBONE vs TLS vs TCP; one hop vs Istio's Go HBONE), then the
+# lab suite (needs root).
+bench: build bench-tools
+	$(GO) test -run '^$$' -bench 'Throughput|Hop' -benchtime $(BENCHTIME) -count $(BENCHCOUNT) ./internal/hbone ./internal/bench | tee bench.out
+	PATH="$(GOBIN):$$PATH" ./bin/ambit bench --out bench-lab.md
+
+# The load generators the lab suite runs: iperf3 from Debian, fortio from
+# the Go module proxy.
+bench-tools:
+	@command -v iperf3 >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing iperf3"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; \
+		else echo "iperf3 is missing: install it (apt-get install iperf3)"; exit 1; fi; }
+	@test -x "$(GOBIN)/fortio" || { echo "installing fortio $(FORTIO_VERSION)"; $(GO) install fortio.org/fortio@$(FORTIO_VERSION); }
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -70,4 +92,4 @@ deps:
 		fi; }
 
 clean:
-	rm -rf bin bench.out
+	rm -rf bin bench.out bench-lab.md

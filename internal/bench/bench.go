@@ -85,8 +85,8 @@ pods:
 
 // env is one run's lab and tools.
 type env struct {
-	o      Options
-	t      *lab.Topology
+	o         Options
+	t         *lab.Topology
 	mesh      bool // pods enrolled
 	report    *strings.Builder
 	fileLimit int // open files per process

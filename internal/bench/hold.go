@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -52,7 +53,7 @@ func Hold(ctx context.Context, addr string, n, parallel int, ready func(HoldResu
 				mu.Lock()
 				if err != nil {
 					res.Failed++
-					res.Errors[err.Error()]++
+					res.Errors[reason(err)]++
 				} else {
 					res.Held++
 					conns = append(conns, c)
@@ -70,6 +71,16 @@ func Hold(ctx context.Context, addr string, n, parallel int, ready func(HoldResu
 	}
 	<-ctx.Done()
 	return res, nil
+}
+
+// reason names a failure without its addresses and ports, so failures of
+// one kind count together: "dial: connection refused".
+func reason(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil {
+		return op.Op + ": " + op.Err.Error()
+	}
+	return err.Error()
 }
 
 // openEcho connects and does one round trip, so a connection counts as

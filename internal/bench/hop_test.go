@@ -157,30 +157,35 @@ func issue(b *testing.B, ca *identity.CA, id identity.ID) *identity.Certificate 
 func quiet() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func startTLSRelay(b *testing.B, ca *identity.CA, target string) string {
+	return runRelay(b, &TLSRelay{Connect: target, Server: true, CA: ca, Log: quiet()})
+}
+
+// runRelay runs r on a free loopback port until the test ends and returns
+// its address once it accepts.
+func runRelay(tb testing.TB, r *TLSRelay) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	addr := l.Addr().String()
+	r.Listen = l.Addr().String()
 	l.Close() // the relay listens itself; the port is free again on loopback
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	r := &TLSRelay{Listen: addr, Connect: target, Server: true, CA: ca, Log: quiet()}
 	go func() { done <- r.Run(ctx) }()
-	b.Cleanup(func() {
+	tb.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			b.Error(err)
+			tb.Error(err)
 		}
 	})
-	for range 100 {
-		if c, err := net.Dial("tcp", addr); err == nil {
+	for range 200 {
+		if c, err := net.Dial("tcp", r.Listen); err == nil {
 			c.Close()
-			return addr
+			return r.Listen
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	b.Fatalf("tls relay did not listen on %s", addr)
+	tb.Fatalf("tls relay did not listen on %s", r.Listen)
 	return ""
 }
 

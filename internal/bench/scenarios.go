@@ -256,16 +256,9 @@ func mb(kb int64) float64 { return float64(kb) / 1000 }
 // idle: RSS of the processes on the path while they hold N idle
 // connections, on fresh proxies.
 func (e *env) idle(ctx context.Context) error {
-	fmt.Fprintf(e.o.Progress, "  restarting the node proxies (fresh processes)\n")
-	for _, n := range []string{"master", "worker1"} {
-		if err := e.t.StopProxy(n); err != nil {
-			return err
-		}
-		if err := e.t.StartProxy(n, e.o.Self); err != nil {
-			return err
-		}
+	if err := e.restartProxies(); err != nil {
+		return err
 	}
-	time.Sleep(time.Second)
 	type row struct {
 		way   string
 		n     int
@@ -353,6 +346,22 @@ func (e *env) idle(ctx context.Context) error {
 	return nil
 }
 
+// restartProxies gives a scenario fresh node proxies, so what it measures
+// of their memory is its own, not what an earlier scenario left in the heap.
+func (e *env) restartProxies() error {
+	fmt.Fprintf(e.o.Progress, "  restarting the node proxies (fresh processes)\n")
+	for _, n := range []string{"master", "worker1"} {
+		if err := e.t.StopProxy(n); err != nil {
+			return err
+		}
+		if err := e.t.StartProxy(n, e.o.Self); err != nil {
+			return err
+		}
+	}
+	time.Sleep(time.Second)
+	return nil
+}
+
 // hold opens n idle connections from the client pod (a background
 // `ambit bench hold`) and returns once they are all open.
 func (e *env) hold(ctx context.Context, addr string, n int) (HoldResult, error) {
@@ -390,12 +399,15 @@ func (e *env) storm(ctx context.Context) error {
 		levels = []int{16}
 	}
 	type row struct {
-		conns            int
-		direct, mesh     fortioResult
-		l                load
-		opened, failed   float64 // client side proxy, deltas
-		inbound          float64 // server side proxy's opened, delta
-		lost             int
+		conns          int
+		direct, mesh   fortioResult
+		l              load
+		opened, failed float64 // client side proxy, deltas
+		inbound        float64 // server side proxy's opened, delta
+		lost           int
+	}
+	if err := e.restartProxies(); err != nil {
+		return err
 	}
 	var rows []row
 	for _, c := range levels {

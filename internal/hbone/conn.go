@@ -62,7 +62,7 @@ type conn struct {
 	wcond   sync.Cond // writeLoop waits on it for frames
 	wq      []outFrame
 	wspare  []outFrame
-	wclosed bool // no more frames will be queued; writeLoop drains and ends
+	wclosed bool  // no more frames will be queued; writeLoop drains and ends
 	writing bool  // the write token is taken (by writeLoop or a Stream.Write)
 	werr    error // the first write error; nothing is written after it
 

@@ -679,3 +679,48 @@ func TestEndStreamThenResetReadsAsEOF(t *testing.T) {
 		t.Fatalf("write after the server closed: %v, want a remote CANCEL reset", err)
 	}
 }
+
+type failingWriter struct{ after int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if w.after <= 0 {
+		return 0, errors.New("writer broke")
+	}
+	w.after--
+	return len(p), nil
+}
+
+// WriteTo hands the received chunks to the writer until END_STREAM, with
+// every byte in order, and stops at the writer's first error.
+func TestStreamWriteTo(t *testing.T) {
+	ca := newCA(t)
+	m := newManager(t, ca, 0)
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
+	echo := echoServer(t)
+	d := newDialer(t, m, Config{})
+	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16+3) // ~1 MiB, not a chunk multiple
+	go func() {
+		st.Write(data)
+		st.CloseWrite()
+	}()
+	var got bytes.Buffer
+	n, err := st.WriteTo(&got)
+	if err != nil || n != int64(len(data)) || !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("WriteTo: %d bytes, %v; content equal %v", n, err, bytes.Equal(got.Bytes(), data))
+	}
+
+	st2, err := d.Dial(ctxT(t), request(srv.addr, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.Close()
+	go st2.Write(data)
+	if _, err := st2.WriteTo(&failingWriter{after: 1}); err == nil || err.Error() != "writer broke" {
+		t.Fatalf("WriteTo to a failing writer: %v, want its error", err)
+	}
+}

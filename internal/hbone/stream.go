@@ -116,6 +116,53 @@ func (s *Stream) Read(p []byte) (int, error) {
 	}
 }
 
+// WriteTo writes the tunnelled bytes to w until the peer's END_STREAM,
+// handing w the received chunks themselves: no copy, and while it waits
+// for data it holds no buffer (an idle tunnel costs no buffer memory). The
+// peer's window is returned only as w takes the bytes, so a slow w slows
+// the peer. relay uses it for the tunnel-to-socket direction.
+func (s *Stream) WriteTo(w io.Writer) (int64, error) {
+	c := s.c
+	var total int64
+	for {
+		c.mu.Lock()
+		var chunk *[]byte
+		var off int
+		for chunk == nil {
+			switch {
+			case s.closed:
+				c.mu.Unlock()
+				return total, net.ErrClosed
+			case s.rbuf.len() > 0:
+				chunk, off = s.rbuf.take()
+				continue
+			case s.reof:
+				c.mu.Unlock()
+				return total, nil
+			case s.rerr != nil:
+				c.mu.Unlock()
+				return total, s.rerr
+			case expired(s.rdeadline):
+				c.mu.Unlock()
+				return total, os.ErrDeadlineExceeded
+			}
+			s.cond.Wait()
+		}
+		c.mu.Unlock()
+		data := (*chunk)[off:]
+		n, err := w.Write(data)
+		total += int64(n)
+		chunkPool.Put(chunk)
+		c.mu.Lock()
+		c.creditConnLocked(int64(len(data)))
+		s.creditLocked(int64(len(data)))
+		c.mu.Unlock()
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
 // creditLocked returns consumed bytes to the stream's window, in batches.
 func (s *Stream) creditLocked(n int64) {
 	if s.reof || s.reset {
@@ -372,6 +419,18 @@ func (b *recvBuf) read(p []byte) int {
 	}
 	b.n -= total
 	return total
+}
+
+// take removes the first chunk and returns it with the offset of its
+// unread bytes; the caller owns it (and puts it back in chunkPool).
+func (b *recvBuf) take() (*[]byte, int) {
+	c, off := b.chunks[0], b.off
+	k := copy(b.chunks, b.chunks[1:])
+	b.chunks[k] = nil
+	b.chunks = b.chunks[:k]
+	b.off = 0
+	b.n -= len(*c) - off
+	return c, off
 }
 
 func (b *recvBuf) reset() {

@@ -2,12 +2,22 @@
 // each half-close on: when one side stops sending, the other side's write
 // half is closed and the opposite direction goes on. It is what a proxy
 // does between an application socket and a tunnel.
+//
+// It is careful with memory, since a node proxy holds thousands of mostly
+// idle connections: a direction waiting for data holds no buffer. From a
+// socket it waits for readability first and only then takes a pooled
+// buffer; from a source that hands out its own buffers (an HBONE stream's
+// WriteTo) it copies nothing.
 package relay
 
 import (
 	"errors"
 	"io"
+	"net"
 	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Conn is a connection whose write half can be closed on its own:
@@ -44,9 +54,78 @@ func Bidirectional(a, b Conn) Result {
 }
 
 func oneWay(dst, src Conn) (int64, error) {
-	n, err := io.Copy(dst, src)
+	n, err := copyConn(dst, src)
 	if cerr := dst.CloseWrite(); err == nil && cerr != nil && !errors.Is(cerr, io.ErrClosedPipe) {
 		err = cerr
 	}
 	return n, err
+}
+
+// bufSize is the copy buffer: what io.Copy uses, and two full TLS records.
+const bufSize = 32 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+func copyConn(dst io.Writer, src io.Reader) (int64, error) {
+	if sc, ok := src.(*net.TCPConn); ok {
+		// Not splice(2) between two sockets: a blocked splice holds a pipe,
+		// two descriptors, per idle direction.
+		if rc, err := sc.SyscallConn(); err == nil {
+			return copyWhenReadable(dst, src, rc)
+		}
+	}
+	if wt, ok := src.(io.WriterTo); ok {
+		return wt.WriteTo(dst)
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	// Hide dst's ReadFrom, which would allocate a buffer of its own.
+	return io.CopyBuffer(struct{ io.Writer }{dst}, src, *bp)
+}
+
+// copyWhenReadable copies from a socket, taking a pooled buffer only once
+// the socket is readable and giving it back when a read comes up short
+// (the socket is then most likely drained), so an idle direction holds
+// none. A full read keeps the buffer for the next one: a busy connection
+// pays the readiness check once per burst, not per read.
+func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, error) {
+	var total int64
+	var peek [1]byte
+	readable := func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		// EAGAIN: wait in the poller. Data, EOF or an error: let Read see it.
+		return err != unix.EAGAIN
+	}
+	for {
+		if err := rc.Read(readable); err != nil {
+			return total, err
+		}
+		bp := bufPool.Get().(*[]byte)
+		buf := *bp
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				w, werr := dst.Write(buf[:n])
+				total += int64(w)
+				if werr == nil && w < n {
+					werr = io.ErrShortWrite
+				}
+				if werr != nil {
+					bufPool.Put(bp)
+					return total, werr
+				}
+			}
+			if err != nil {
+				bufPool.Put(bp)
+				if err == io.EOF {
+					return total, nil
+				}
+				return total, err
+			}
+			if n < len(buf) {
+				break
+			}
+		}
+		bufPool.Put(bp)
+	}
 }

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bytes"
+	"crypto/rand"
 	"io"
 	"net"
 	"testing"
@@ -57,5 +58,61 @@ func TestBidirectionalHalfClose(t *testing.T) {
 	r := <-done
 	if r.AToB != int64(len(big)) || r.BToA != 5 || r.Err() != nil {
 		t.Fatalf("result %+v", r)
+	}
+}
+
+// Random bytes both ways at once through the socket-to-socket path (which
+// waits for readability, then reads into a pooled buffer): every byte
+// arrives, in order, whether reads come full or short.
+func TestBidirectionalIntegrity(t *testing.T) {
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	done := make(chan Result, 1)
+	go func() { done <- Bidirectional(a, b) }()
+	up, down := make([]byte, 3<<20+17), make([]byte, 2<<20+5)
+	rand.Read(up)
+	rand.Read(down)
+	send := func(c *net.TCPConn, p []byte) {
+		for len(p) > 0 { // uneven writes, so reads come in all sizes
+			n := min(len(p), 1+len(p)%70000)
+			c.Write(p[:n])
+			p = p[n:]
+		}
+		c.CloseWrite()
+	}
+	go send(client, up)
+	go send(server, down)
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	server.SetReadDeadline(time.Now().Add(10 * time.Second))
+	gotDown, err1 := io.ReadAll(client)
+	gotUp, err2 := io.ReadAll(server)
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	if !bytes.Equal(gotUp, up) || !bytes.Equal(gotDown, down) {
+		t.Fatalf("corrupted: up %d of %d bytes, down %d of %d", len(gotUp), len(up), len(gotDown), len(down))
+	}
+	if r := <-done; r.AToB != int64(len(up)) || r.BToA != int64(len(down)) || r.Err() != nil {
+		t.Fatalf("result %+v", r)
+	}
+}
+
+// A relay blocked on an idle socket ends when the socket is closed under
+// it (how the proxy closes connections a policy change denies).
+func TestCloseUnblocksIdleRelay(t *testing.T) {
+	_, a := tcpPair(t)
+	b, _ := tcpPair(t)
+	done := make(chan Result, 1)
+	go func() { done <- Bidirectional(a, b) }()
+	time.Sleep(50 * time.Millisecond)
+	a.Close()
+	b.Close()
+	select {
+	case r := <-done:
+		if r.Err() == nil {
+			t.Fatalf("relay over closed sockets reported no error: %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("relay still blocked after its sockets were closed")
 	}
 }
