@@ -47,7 +47,7 @@ type conn struct {
 	onClose func(*conn)
 
 	fr      *http2.Framer // read side; only readLoop uses it
-	bw      *bufio.Writer // write side; only the token holder uses it
+	bw      *bufio.Writer // the token holder's, borrowed from bwPool for the hold
 	dataHdr [9]byte       // the token holder's scratch for DATA frame headers
 	wf      *http2.Framer // write side framer over bw
 	cork    *corkConn     // under the TLS conn, when there is one
@@ -138,9 +138,12 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 		c.cork, _ = tc.NetConn().(*corkConn)
 	}
 	c.wcond.L = &c.mu
-	c.bw = bufio.NewWriterSize(nc, 64<<10)
-	c.wf = http2.NewFramer(c.bw, nil)
-	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 64<<10))
+	// Writes gather in a buffer borrowed only while the write token is held
+	// (takeWriter), so an idle connection holds no write buffer. Reads go
+	// through a small buffer: frame headers come from it, payloads larger
+	// than it are read straight into the framer's.
+	c.wf = http2.NewFramer(tokenWriter{c}, nil)
+	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 8<<10))
 	c.fr.SetMaxReadFrameSize(cfg.MaxFrameSize)
 	c.fr.SetReuseFrames()
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -220,16 +223,32 @@ func (c *conn) writeLoop() {
 			c.wcond.Wait()
 		}
 		if len(c.wq) == 0 {
-			werr := c.werr
+			// Closed, and every holder flushed before it let go.
 			c.mu.Unlock()
-			if werr == nil {
-				_ = c.flush()
-			}
 			return
 		}
 		c.writing = true
 		c.mu.Unlock()
+		c.takeWriter()
 		c.release(c.drain(0))
+	}
+}
+
+// bwPool holds the write buffers of connections not writing at the moment.
+var bwPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 64<<10) }}
+
+// tokenWriter is the framer's way to the token holder's buffer.
+type tokenWriter struct{ c *conn }
+
+func (w tokenWriter) Write(p []byte) (int, error) { return w.c.bw.Write(p) }
+
+// takeWriter borrows the write buffer and corks the socket, right after the
+// token is taken: whatever the holder writes leaves in one write at flush.
+func (c *conn) takeWriter() {
+	c.bw = bwPool.Get().(*bufio.Writer)
+	c.bw.Reset(c.nc)
+	if c.cork != nil {
+		c.cork.cork()
 	}
 }
 
@@ -240,6 +259,7 @@ func (c *conn) tryTakeWriter() bool {
 		return false
 	}
 	c.writing = true
+	c.takeWriter()
 	return true
 }
 
@@ -296,6 +316,12 @@ func (c *conn) drain(rounds int) error {
 // release gives the write token back, waking writeLoop if frames came in
 // meanwhile, and closes the connection after a write error.
 func (c *conn) release(werr error) {
+	c.bw.Reset(nil)
+	bwPool.Put(c.bw)
+	c.bw = nil
+	if c.cork != nil {
+		c.cork.uncork() // nothing is left in it: drain flushed
+	}
 	c.mu.Lock()
 	c.writing = false
 	if len(c.wq) > 0 || c.wclosed {
@@ -307,17 +333,18 @@ func (c *conn) release(werr error) {
 	}
 }
 
-// flush pushes the buffered frames through TLS; under the TLS conn the
-// records of one flush are gathered into one write (corkConn).
+// flush pushes the buffered frames through TLS and, under the TLS conn,
+// the records gathered since the token was taken out in one write
+// (corkConn), then corks again for whatever the holder writes next.
 func (c *conn) flush() error {
-	if c.cork == nil {
-		return c.bw.Flush()
-	}
-	c.cork.cork()
 	err := c.bw.Flush()
+	if c.cork == nil {
+		return err
+	}
 	if uerr := c.cork.uncork(); err == nil {
 		err = uerr
 	}
+	c.cork.cork()
 	return err
 }
 

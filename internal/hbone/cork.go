@@ -14,8 +14,11 @@ type corkConn struct {
 	net.Conn
 	mu     sync.Mutex
 	corked bool
-	buf    []byte
+	buf    *[]byte // from corkPool while something is gathered
 }
+
+// corkPool holds gathering buffers: a connection borrows one for a flush.
+var corkPool = sync.Pool{New: func() any { b := make([]byte, 0, 80<<10); return &b }}
 
 func newCorkConn(nc net.Conn) *corkConn { return &corkConn{Conn: nc} }
 
@@ -23,7 +26,10 @@ func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.corked {
-		c.buf = append(c.buf, p...)
+		if c.buf == nil {
+			c.buf = corkPool.Get().(*[]byte)
+		}
+		*c.buf = append(*c.buf, p...)
 		return len(p), nil
 	}
 	return c.Conn.Write(p)
@@ -35,24 +41,17 @@ func (c *corkConn) cork() {
 	c.mu.Unlock()
 }
 
-// uncork writes what was gathered. A gathered buffer grown past maxCork is
-// dropped afterwards, so an idle connection does not keep a burst's memory.
+// uncork writes what was gathered and gives the buffer back.
 func (c *corkConn) uncork() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.corked = false
-	if len(c.buf) == 0 {
+	if c.buf == nil {
 		return nil
 	}
-	_, err := c.Conn.Write(c.buf)
-	if cap(c.buf) > maxCork {
-		c.buf = nil
-	} else {
-		c.buf = c.buf[:0]
-	}
+	_, err := c.Conn.Write(*c.buf)
+	*c.buf = (*c.buf)[:0]
+	corkPool.Put(c.buf)
+	c.buf = nil
 	return err
 }
-
-// maxCork is the gathered buffer kept between flushes: a full write buffer
-// (64 KiB) and its TLS overhead.
-const maxCork = 80 << 10

@@ -30,7 +30,8 @@ type ServerRequest struct {
 	LocalAddr        netip.AddrPort // where the TLS connection arrived (the HBONE address)
 	RemoteAddr       netip.AddrPort // where it came from
 
-	s *Stream
+	s        *Stream
+	detached bool
 }
 
 // Accept answers 200 and returns the stream for the tunnelled bytes. Call it
@@ -43,6 +44,11 @@ func (r *ServerRequest) Accept(header http.Header) (*Stream, error) {
 	return r.s, nil
 }
 
+// Detach hands the accepted stream to the caller: the handler may return
+// while the stream lives on, and whoever holds it must Close it. Call it
+// from the handler, after Accept.
+func (r *ServerRequest) Detach() { r.detached = true }
+
 // Reject answers with status (400, 401, 503 ...) and ends the stream; reason
 // goes to the client in the x-ambit-reason header.
 func (r *ServerRequest) Reject(status int, reason string) error {
@@ -53,7 +59,8 @@ func (r *ServerRequest) Reject(status int, reason string) error {
 }
 
 // Handler serves CONNECTs. It must Accept or Reject; if it returns without
-// either, the client gets 503. The stream is closed when it returns.
+// either, the client gets 503. The stream is closed when it returns, unless
+// the handler called Detach.
 type Handler interface {
 	ServeHBONE(ctx context.Context, r *ServerRequest)
 }
@@ -227,7 +234,12 @@ func (s *Server) handleStream(st *Stream) {
 		TLSVersion: c.tls.Version, CipherSuite: c.tls.CipherSuite, ALPN: c.tls.NegotiatedProtocol,
 		Peer: peerID(c.tls),
 	}
-	defer st.Close()
+	var req *ServerRequest
+	defer func() {
+		if req == nil || !req.detached {
+			st.Close()
+		}
+	}()
 	if st.method != http.MethodConnect || st.extended {
 		_ = st.respond(http.StatusBadRequest, nil, fmt.Sprintf("method %q: HBONE takes only a plain CONNECT", st.method))
 		s.log.Warn("hbone: refused request", "peer", st.info.Peer, "method", st.method, "status", http.StatusBadRequest)
@@ -241,7 +253,7 @@ func (s *Server) handleStream(st *Stream) {
 	}
 	local, _ := netip.ParseAddrPort(c.nc.LocalAddr().String())
 	remote, _ := netip.ParseAddrPort(c.nc.RemoteAddr().String())
-	req := &ServerRequest{
+	req = &ServerRequest{
 		Peer:             st.info.Peer,
 		PeerCertificates: c.tls.PeerCertificates,
 		Authority:        auth,

@@ -48,7 +48,13 @@ func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.ServerRequest) {
 	}
 	p.inbound(ctx, inboundReq{
 		src: src, peer: r.Peer, target: r.Authority, hboneAddr: r.LocalAddr,
-		accept: func() (upstream, error) { return r.Accept(nil) },
+		accept: func() (upstream, error) {
+			st, err := r.Accept(nil)
+			if err == nil {
+				r.Detach() // the relay owns the stream from here
+			}
+			return st, err
+		},
 		reject: func(status int, reason string) { _ = r.Reject(status, reason) },
 	})
 }
@@ -56,18 +62,18 @@ func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.ServerRequest) {
 // servePlaintextInbound is the 15006 listener: clients outside the mesh,
 // redirected; policy runs with no identity.
 func (p *Proxy) servePlaintextInbound(l net.Listener) {
-	p.acceptLoop(l, func(down *net.TCPConn) {
+	p.acceptLoop(l, func(down *net.TCPConn) bool {
 		dst, err := originalDst(down)
 		if err != nil {
 			p.log.Warn("inbound: no original destination", "peer", down.RemoteAddr().String(), "err", err)
-			return
+			return false
 		}
 		if p.isSelfPort(dst.Port()) {
 			p.log.Warn("inbound: connection to the proxy's own port refused", "peer", down.RemoteAddr().String(), "dst", dst.String())
-			return
+			return false
 		}
 		src := netip.MustParseAddrPort(down.RemoteAddr().String())
-		p.inbound(context.Background(), inboundReq{
+		return p.inbound(context.Background(), inboundReq{
 			src: netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), target: dst,
 			accept: func() (upstream, error) { return down, nil },
 			reject: func(int, string) { _ = down.SetLinger(0) }, // close with RST
@@ -76,8 +82,9 @@ func (p *Proxy) servePlaintextInbound(l net.Listener) {
 }
 
 // inbound checks the destination and policy, connects to the application
-// and relays until both sides end (or a policy change closes it).
-func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
+// and relays until both sides end (or a policy change closes it). It
+// returns true once the connection is handed to the relay, which closes it.
+func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	ix := p.index.Load()
 	tc := &telemetry.Conn{Direction: "inbound", Src: in.src, SrcIdentity: in.peer, Dst: in.target,
 		DstHBONE: in.hboneAddr, MTLS: !in.peer.IsZero(), Start: time.Now()}
@@ -90,7 +97,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 	dst := p.workloadAt(ix, in.target.Addr())
 	if dst == nil || !p.isLocal(dst) {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("no local workload at %s", in.target.Addr()))
-		return
+		return false
 	}
 	tc.DstWorkload, tc.DstIdentity = dst, dst.Identity()
 	ac := authz.Conn{Source: in.src, Destination: in.target, SourceID: in.peer}
@@ -100,7 +107,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 	}
 	if !d.Allow {
 		fail(http.StatusUnauthorized, telemetry.FlagDeny, fmt.Errorf("denied: %s", d.Reason))
-		return
+		return false
 	}
 	p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -108,15 +115,15 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 	cancel()
 	if err != nil {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
-		return
+		return false
 	}
-	defer up.Close()
 	p.log.Debug("inbound upstream connected", "from", up.LocalAddr().String(), "to", up.RemoteAddr().String())
 	down, err := in.accept()
 	if err != nil {
+		up.Close()
 		p.opts.Metrics.Failed(tc, telemetry.FlagConnect)
 		telemetry.LogConn(p.alog, tc, 0, 0, telemetry.FlagConnect, err)
-		return
+		return false
 	}
 	var lateMu sync.Mutex
 	var late string
@@ -129,17 +136,21 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) {
 	}}
 	p.track(lc)
 	p.opts.Metrics.Opened(tc)
-	res := relay.Bidirectional(down, up)
-	p.untrack(lc)
-	// Bytes "sent" are those toward the destination application.
-	flag, rerr := telemetry.FlagNone, relayErr(res)
-	lateMu.Lock()
-	if late != "" {
-		flag, rerr = telemetry.FlagPolicyClose, errors.New(late)
-	}
-	lateMu.Unlock()
-	p.opts.Metrics.Closed(tc, res.AToB, res.BToA, flag)
-	telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
+	p.relayAsync(down, up, func(res relay.Result) {
+		p.untrack(lc)
+		up.Close()
+		down.Close()
+		// Bytes "sent" are those toward the destination application.
+		flag, rerr := telemetry.FlagNone, relayErr(res)
+		lateMu.Lock()
+		if late != "" {
+			flag, rerr = telemetry.FlagPolicyClose, errors.New(late)
+		}
+		lateMu.Unlock()
+		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, flag)
+		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
+	})
+	return true
 }
 
 // dialApp connects to the application from the client's own IP, so the

@@ -128,13 +128,13 @@ func (p *Proxy) sourceWorkload(ix *workload.Index, src netip.Addr) (*workload.Wo
 // serveSOCKS handles the explicit way out: SOCKS5 CONNECT to an address or
 // a mesh service's name.
 func (p *Proxy) serveSOCKS(l net.Listener) {
-	p.acceptLoop(l, func(down *net.TCPConn) {
+	p.acceptLoop(l, func(down *net.TCPConn) bool {
 		_ = down.SetDeadline(time.Now().Add(10 * time.Second))
 		req, err := socks5.Handshake(bufio.NewReader(down), down)
 		_ = down.SetDeadline(time.Time{})
 		if err != nil {
 			p.log.Debug("socks5 handshake failed", "peer", down.RemoteAddr().String(), "err", err)
-			return
+			return false
 		}
 		reply := func(code byte, bind netip.AddrPort) { _ = socks5.WriteReply(down, code, bind) }
 		ix := p.index.Load()
@@ -144,11 +144,11 @@ func (p *Proxy) serveSOCKS(l net.Listener) {
 			if svc == nil || len(svc.VIPs) == 0 {
 				reply(socks5.HostUnreachable, netip.AddrPort{})
 				p.log.Warn("socks5: not a mesh service", "host", req.Host)
-				return
+				return false
 			}
 			dst = netip.AddrPortFrom(svc.VIPs[0].IP, req.Port)
 		}
-		p.outbound(down, dst, reply)
+		return p.outbound(down, dst, reply)
 	})
 }
 
@@ -171,19 +171,20 @@ func (p *Proxy) serviceByName(ix *workload.Index, host string) *workload.Service
 
 // serveCaptured handles connections redirected to 15001.
 func (p *Proxy) serveCaptured(l net.Listener) {
-	p.acceptLoop(l, func(down *net.TCPConn) {
+	p.acceptLoop(l, func(down *net.TCPConn) bool {
 		dst, err := originalDst(down)
 		if err != nil {
 			p.log.Warn("outbound: no original destination", "peer", down.RemoteAddr().String(), "err", err)
-			return
+			return false
 		}
-		p.outbound(down, dst, nil)
+		return p.outbound(down, dst, nil)
 	})
 }
 
 // outbound carries one application connection to dst. reply, for SOCKS,
-// tells the client the outcome before any byte flows.
-func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte, netip.AddrPort)) {
+// tells the client the outcome before any byte flows. It returns true once
+// the connection is handed to the relay, which closes it.
+func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte, netip.AddrPort)) bool {
 	ix := p.index.Load()
 	from := netip.MustParseAddrPort(down.RemoteAddr().String())
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
@@ -198,7 +199,7 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	src, err := p.sourceWorkload(ix, from.Addr())
 	if err != nil {
 		fail(socks5.NotAllowed, telemetry.FlagConnect, err)
-		return
+		return false
 	}
 	tc.SrcWorkload, tc.SrcIdentity = src, src.Identity()
 	r, err := p.resolve(ix, src, dst)
@@ -209,7 +210,7 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 			flag = rf.flag
 		}
 		fail(socks5.HostUnreachable, flag, err)
-		return
+		return false
 	}
 	tc.DstWorkload, tc.DstService = r.dstW, r.svc
 	if r.kind == routeHBONE {
@@ -230,18 +231,21 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 			}
 		}
 		fail(code, flag, err)
-		return
+		return false
 	}
-	defer up.Close()
 	if reply != nil {
 		local, _ := netip.ParseAddrPort(down.LocalAddr().String())
 		reply(socks5.Succeeded, local)
 	}
 	p.logOutbound(tc, r, up)
 	p.opts.Metrics.Opened(tc)
-	res := relay.Bidirectional(down, up)
-	p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
-	telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
+	p.relayAsync(down, up, func(res relay.Result) {
+		up.Close()
+		down.Close()
+		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
+		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
+	})
+	return true
 }
 
 // relayErr keeps what is worth logging of a relay's end: resets and

@@ -21,6 +21,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
 )
@@ -331,8 +332,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 }
 
 // acceptLoop accepts until the listener closes and serves each connection
-// in a goroutine owned by the proxy.
-func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
+// in a goroutine owned by the proxy. serve returns true when it handed the
+// connection on (to a relay, which closes it); otherwise it is closed here.
+func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -344,10 +346,23 @@ func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			defer c.Close()
-			serve(c.(*net.TCPConn))
+			if !serve(c.(*net.TCPConn)) {
+				c.Close()
+			}
 		}()
 	}
+}
+
+// relayAsync copies between down and up in fresh goroutines owned by the
+// proxy (relay.Go) and calls finish when both directions have ended. The
+// goroutine that set the connection up returns: its stack, grown by the
+// dial and the handshake, does not live as long as the connection.
+func (p *Proxy) relayAsync(down, up relay.Conn, finish func(relay.Result)) {
+	p.wg.Add(1)
+	relay.Go(down, up, func(r relay.Result) {
+		defer p.wg.Done()
+		finish(r)
+	})
 }
 
 func (p *Proxy) pick(svc *workload.Service, port uint16, src *workload.Workload) (*workload.Workload, uint16, error) {

@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -51,6 +52,31 @@ func Bidirectional(a, b Conn) Result {
 	r.BToA, r.ErrBToA = oneWay(a, b)
 	wg.Wait()
 	return r
+}
+
+// Go runs Bidirectional in two new goroutines and returns at once; done
+// gets the result, called from the goroutine that finishes last. The copy
+// runs on fresh small stacks: a caller that did deep work first (a policy
+// check, a dial, a TLS handshake) does not keep its grown stack for the
+// connection's life, which for thousands of idle connections is most of a
+// proxy's memory.
+func Go(a, b Conn, done func(Result)) {
+	var r Result
+	var left atomic.Int32
+	left.Store(2)
+	finish := func() {
+		if left.Add(-1) == 0 {
+			done(r)
+		}
+	}
+	go func() {
+		r.AToB, r.ErrAToB = oneWay(b, a)
+		finish()
+	}()
+	go func() {
+		r.BToA, r.ErrBToA = oneWay(a, b)
+		finish()
+	}()
 }
 
 func oneWay(dst, src Conn) (int64, error) {

@@ -116,3 +116,37 @@ func TestCloseUnblocksIdleRelay(t *testing.T) {
 		t.Fatal("relay still blocked after its sockets were closed")
 	}
 }
+
+// Go returns at once and reports the same result as Bidirectional, once,
+// after both directions end.
+func TestGo(t *testing.T) {
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	done := make(chan Result, 2)
+	Go(a, b, func(r Result) { done <- r })
+	client.Write([]byte("ping"))
+	client.CloseWrite()
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(server); err != nil || string(got) != "ping" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	server.Write([]byte("pong!"))
+	server.CloseWrite()
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(client); err != nil || string(got) != "pong!" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	select {
+	case r := <-done:
+		if r.AToB != 4 || r.BToA != 5 || r.Err() != nil {
+			t.Fatalf("result %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("done not called")
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("done called twice (second: %+v)", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+}
