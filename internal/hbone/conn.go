@@ -643,6 +643,30 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		c.creditConnLocked(pad)
 		s.creditLocked(pad)
 	}
+	if len(data) > 0 && s.direct != nil && s.rbuf.len() == 0 && !s.wtBusy && !s.closed {
+		// Nothing queued ahead: straight to the socket, without waking
+		// the stream's WriteTo (see Stream.WriteTo).
+		d := s.direct
+		s.sinkBusy = true
+		c.mu.Unlock()
+		n, err := d.write(data)
+		c.mu.Lock()
+		s.sinkBusy = false
+		if err != nil {
+			s.direct = nil // WriteTo meets the error on its own write
+		}
+		if n > 0 {
+			s.sunk += int64(n)
+			c.creditConnLocked(int64(n))
+			s.creditLocked(int64(n))
+			data = data[n:]
+		}
+		if s.closed || s.reset {
+			c.creditConnLocked(int64(len(data)))
+			s.cond.Broadcast()
+			return nil
+		}
+	}
 	if len(data) > 0 {
 		s.rbuf.write(data)
 	}

@@ -724,3 +724,67 @@ func TestStreamWriteTo(t *testing.T) {
 		t.Fatalf("WriteTo to a failing writer: %v, want its error", err)
 	}
 }
+
+// WriteTo a socket: the connection's reader writes straight to it while it
+// keeps up, and queues for WriteTo when the socket is full (the peer below
+// reads nothing for a while, then all); every byte arrives once, in order,
+// and the count includes both ways.
+func TestStreamWriteToSocket(t *testing.T) {
+	ca := newCA(t)
+	m := newManager(t, ca, 0)
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
+	echo := echoServer(t)
+	d := newDialer(t, m, Config{})
+	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sink, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	far, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	data := make([]byte, 8<<20+321)
+	for i := range data {
+		data[i] = byte(i * 7 / 13)
+	}
+	go func() {
+		st.Write(data)
+		st.CloseWrite()
+	}()
+	done := make(chan int64, 1)
+	go func() {
+		n, err := st.WriteTo(sink)
+		if err != nil {
+			t.Error(err)
+		}
+		sink.(*net.TCPConn).CloseWrite()
+		done <- n
+	}()
+	time.Sleep(300 * time.Millisecond) // the socket fills up meanwhile
+	far.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.ReadAll(far)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("socket got %d of %d bytes (%v); equal %v", len(got), len(data), err, bytes.Equal(got, data))
+	}
+	if n := <-done; n != int64(len(data)) {
+		t.Fatalf("WriteTo counted %d bytes, want %d", n, len(data))
+	}
+	st.c.mu.Lock()
+	sunk := st.sunk
+	st.c.mu.Unlock()
+	if sunk == 0 || sunk == int64(len(data)) {
+		t.Fatalf("%d of %d bytes written by the reader directly: want some, not all (the socket was full a while)", sunk, len(data))
+	}
+}
