@@ -5,13 +5,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
-	"github.com/ambitmesh/ambit/internal/relay"
 )
 
 // TLSRelay is the reference the mesh is measured against: the leanest
@@ -82,7 +82,7 @@ func (r *TLSRelay) serve(ctx context.Context, down *net.TCPConn, cfg *tls.Config
 		return fmt.Errorf("dial %s: %w", r.Connect, err)
 	}
 	defer raw.Close()
-	var a, b relay.Conn
+	var a, b halfCloser
 	if r.Server {
 		t := tls.Server(down, cfg)
 		if err := t.HandshakeContext(dctx); err != nil {
@@ -96,11 +96,27 @@ func (r *TLSRelay) serve(ctx context.Context, down *net.TCPConn, cfg *tls.Config
 		}
 		a, b = down, t
 	}
-	res := relay.Bidirectional(a, b)
-	if err := res.Err(); err != nil && !errors.Is(err, net.ErrClosed) {
+	// Plain io.Copy each way, passing the half-close on: the reference is
+	// deliberately the simplest relay, not Ambit's relay package.
+	errc := make(chan error, 1)
+	go func() { errc <- copyClose(b, a) }()
+	err1 := copyClose(a, b)
+	err = errors.Join(err1, <-errc)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
 		return err
 	}
 	return nil
+}
+
+type halfCloser interface {
+	io.ReadWriter
+	CloseWrite() error
+}
+
+func copyClose(dst, src halfCloser) error {
+	_, err := io.Copy(dst, src)
+	dst.CloseWrite()
+	return err
 }
 
 // relayTLS is the mesh's TLS set-up without ALPN: TLS 1.3, a workload

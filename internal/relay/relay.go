@@ -14,6 +14,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -109,49 +110,50 @@ func copyConn(dst io.Writer, src io.Reader) (int64, error) {
 	return io.CopyBuffer(struct{ io.Writer }{dst}, src, *bp)
 }
 
-// copyWhenReadable copies from a socket, taking a pooled buffer only once
-// the socket is readable and giving it back when a read comes up short
-// (the socket is then most likely drained), so an idle direction holds
-// none. A full read keeps the buffer for the next one: a busy connection
-// pays the readiness check once per burst, not per read.
+// copyWhenReadable copies from a socket without holding a buffer while it
+// waits: the read happens in the poller's callback, which takes a pooled
+// buffer only when it runs and gives it back if the socket had nothing
+// (EAGAIN, then the goroutine parks bufferless). The syscalls are those of
+// a plain read loop: one read per chunk, one EAGAIN before each wait.
 func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, error) {
 	var total int64
-	var peek [1]byte
-	readable := func(fd uintptr) bool {
-		_, _, err := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		// EAGAIN: wait in the poller. Data, EOF or an error: let Read see it.
-		return err != unix.EAGAIN
+	var bp *[]byte
+	var n int
+	var rerr error
+	read := func(fd uintptr) bool {
+		bp = bufPool.Get().(*[]byte)
+		n, rerr = unix.Read(int(fd), *bp)
+		if rerr == unix.EAGAIN {
+			bufPool.Put(bp)
+			bp = nil
+			return false // wait in the poller, holding nothing
+		}
+		return rerr != unix.EINTR
 	}
 	for {
-		if err := rc.Read(readable); err != nil {
-			return total, err
-		}
-		bp := bufPool.Get().(*[]byte)
-		buf := *bp
-		for {
-			n, err := src.Read(buf)
-			if n > 0 {
-				w, werr := dst.Write(buf[:n])
-				total += int64(w)
-				if werr == nil && w < n {
-					werr = io.ErrShortWrite
-				}
-				if werr != nil {
-					bufPool.Put(bp)
-					return total, werr
-				}
-			}
-			if err != nil {
+		if err := rc.Read(read); err != nil {
+			if bp != nil {
 				bufPool.Put(bp)
-				if err == io.EOF {
-					return total, nil
-				}
-				return total, err
 			}
-			if n < len(buf) {
-				break
-			}
+			return total, err // closed, or a deadline
 		}
+		if rerr != nil {
+			bufPool.Put(bp)
+			return total, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+		}
+		if n <= 0 {
+			bufPool.Put(bp)
+			return total, nil // EOF
+		}
+		w, werr := dst.Write((*bp)[:n])
 		bufPool.Put(bp)
+		bp = nil
+		total += int64(w)
+		if werr == nil && w < n {
+			werr = io.ErrShortWrite
+		}
+		if werr != nil {
+			return total, werr
+		}
 	}
 }
