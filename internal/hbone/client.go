@@ -59,6 +59,16 @@ type Dialer struct {
 	all     map[*conn]struct{}
 }
 
+// Streams to one destination spread over up to spreadConns connections
+// once one carries spreadAt: a connection's frames are read and decrypted
+// by one goroutine, so a second connection lets busy streams use a second
+// core. Past that, connections fill up to MaxStreams before another opens,
+// so thousands of idle streams still share few connections.
+const (
+	spreadConns = 2
+	spreadAt    = 4
+)
+
 type poolKey struct {
 	src      identity.ID
 	expected string // sorted, joined
@@ -147,11 +157,21 @@ func (d *Dialer) get(ctx context.Context, key poolKey, req Request) (*conn, bool
 			d.mu.Unlock()
 			return nil, false, errors.New("hbone dial: dialer closed")
 		}
-		for _, c := range d.conns[key] {
-			if c.tryReserve() {
-				d.mu.Unlock()
-				return c, true, nil
+		// The least loaded connection takes the stream, unless all carry
+		// spreadAt streams or more and there are fewer than spreadConns:
+		// then a new connection is dialed first.
+		conns := d.conns[key]
+		var best *conn
+		bestLoad := 0
+		for _, c := range conns {
+			if l, open := c.load(); open && (best == nil || l < bestLoad) {
+				best, bestLoad = c, l
 			}
+		}
+		spread := best != nil && bestLoad >= spreadAt && len(conns) < spreadConns
+		if best != nil && !spread && best.tryReserve() {
+			d.mu.Unlock()
+			return best, true, nil
 		}
 		call, waiting := d.dialing[key]
 		if !waiting {

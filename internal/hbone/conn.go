@@ -852,6 +852,14 @@ func (c *conn) tryReserve() bool {
 	return true
 }
 
+// load is how many streams the connection carries or has promised, and
+// whether it takes new ones at all.
+func (c *conn) load() (int, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.streams) + c.reserved, !c.closed && !c.goingAway
+}
+
 func (c *conn) unreserve() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
