@@ -17,6 +17,8 @@ type procSample struct {
 	at      time.Time
 	cpu     time.Duration // user + system since the start
 	rssKB   int64         // VmRSS
+	anonKB  int64         // RssAnon: the process's own memory (heap, stacks)
+	fileKB  int64         // RssFile: mapped file pages, mostly the binary's, shared
 	peakKB  int64         // VmHWM: the highest RSS since start or since resetPeak
 	threads int
 }
@@ -55,6 +57,10 @@ func sampleProc(pid int) (procSample, error) {
 		switch k {
 		case "VmRSS":
 			s.rssKB, _ = strconv.ParseInt(v, 10, 64)
+		case "RssAnon":
+			s.anonKB, _ = strconv.ParseInt(v, 10, 64)
+		case "RssFile":
+			s.fileKB, _ = strconv.ParseInt(v, 10, 64)
 		case "VmHWM":
 			s.peakKB, _ = strconv.ParseInt(v, 10, 64)
 		case "Threads":

@@ -262,8 +262,8 @@ func (e *env) idle(ctx context.Context) error {
 	type row struct {
 		way   string
 		n     int
-		base  [2]int64
-		rss   [2]int64
+		base  [2]procSample
+		at    [2]procSample
 		held  HoldResult
 		procs [2]int
 	}
@@ -277,13 +277,11 @@ func (e *env) idle(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		var base [2]int64
+		var base [2]procSample
 		for i, pid := range pids {
-			s, err := sampleProc(pid)
-			if err != nil {
+			if base[i], err = sampleProc(pid); err != nil {
 				return err
 			}
-			base[i] = s.rssKB
 		}
 		for _, n := range e.o.Idle {
 			if w.name == "tls-relay" && 2*n+100 > e.fileLimit {
@@ -298,35 +296,33 @@ func (e *env) idle(ctx context.Context) error {
 			time.Sleep(e.dur(3*time.Second, time.Second)) // let the proxies settle
 			rw := row{way: w.name, n: n, base: base, held: held, procs: pids}
 			for i, pid := range pids {
-				s, err := sampleProc(pid)
-				if err != nil {
+				if rw.at[i], err = sampleProc(pid); err != nil {
 					return err
 				}
-				rw.rss[i] = s.rssKB
 			}
 			if err := lab.Stop(e.o.LabName, "hold"); err != nil {
 				return err
 			}
 			rows = append(rows, rw)
-			fmt.Fprintf(e.o.Progress, "  %-9s %6d idle: %s; RSS %.1f / %.1f MB\n", w.name, n, held, mb(rw.rss[0]), mb(rw.rss[1]))
+			fmt.Fprintf(e.o.Progress, "  %-9s %6d idle: %s; RSS %.1f / %.1f MB\n", w.name, n, held, mb(rw.at[0].rssKB), mb(rw.at[1].rssKB))
 			time.Sleep(time.Second) // let the closes finish
 		}
 	}
 	r := e.report
 	fmt.Fprintf(r, "## Memory with idle connections (client pod → server pod's echo, each proved by a round trip, then idle)\n\n")
-	fmt.Fprintf(r, "| way | connections | held | client side RSS | server side RSS | client side KB/conn | server side KB/conn |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-	for _, rw := range rows {
-		fmt.Fprintf(r, "| %s | 0 | | %.1f MB | %.1f MB | | |\n", rw.way, mb(rw.base[0]), mb(rw.base[1]))
-		break
+	fmt.Fprintf(r, "RSS = anon (the process's own: heap, stacks) + file (mapped pages of the binary, shared by every ambit process on the node).\n\n")
+	fmt.Fprintf(r, "| way | connections | held | client side RSS (anon + file) | server side RSS (anon + file) | client side KB/conn | server side KB/conn |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	cell := func(p procSample) string {
+		return fmt.Sprintf("%.1f MB (%.1f + %.1f)", mb(p.rssKB), mb(p.anonKB), mb(p.fileKB))
 	}
 	last := ""
 	for _, rw := range rows {
-		if rw.way != last && last != "" {
-			fmt.Fprintf(r, "| %s | 0 | | %.1f MB | %.1f MB | | |\n", rw.way, mb(rw.base[0]), mb(rw.base[1]))
+		if rw.way != last {
+			fmt.Fprintf(r, "| %s | 0 | | %s | %s | | |\n", rw.way, cell(rw.base[0]), cell(rw.base[1]))
 		}
 		last = rw.way
-		per := func(i int) float64 { return float64(rw.rss[i]-rw.base[i]) / float64(max(rw.held.Held, 1)) }
-		fmt.Fprintf(r, "| %s | %d | %d | %.1f MB | %.1f MB | %.1f | %.1f |\n", rw.way, rw.n, rw.held.Held, mb(rw.rss[0]), mb(rw.rss[1]), per(0), per(1))
+		per := func(i int) float64 { return float64(rw.at[i].rssKB-rw.base[i].rssKB) / float64(max(rw.held.Held, 1)) }
+		fmt.Fprintf(r, "| %s | %d | %d | %s | %s | %.1f | %.1f |\n", rw.way, rw.n, rw.held.Held, cell(rw.at[0]), cell(rw.at[1]), per(0), per(1))
 	}
 	fmt.Fprintf(r, "\nTarget: <= 40 MB RSS per proxy with 10,000 idle connections. Failed connections: ")
 	fails := []string{}

@@ -265,6 +265,7 @@ func (s *Server) handleStream(st *Stream) {
 	s.Handler.ServeHBONE(s.ctx, req)
 	c.mu.Lock()
 	responded := st.responded
+	st.header = nil // read by the handler; not kept for the stream's life
 	c.mu.Unlock()
 	if !responded {
 		_ = st.respond(http.StatusServiceUnavailable, nil, "handler gave no answer")
