@@ -667,6 +667,12 @@ func (c *conn) onData(f *http2.DataFrame) error {
 			return nil
 		}
 	}
+	if len(data) == 0 && !f.StreamEnded() {
+		// Nothing for a reader to see (all of it went to the socket, or
+		// an empty frame): waking the stream's WriteTo for nothing would
+		// cost a context switch per frame.
+		return nil
+	}
 	if len(data) > 0 {
 		s.rbuf.write(data)
 	}
