@@ -162,8 +162,12 @@ func BenchmarkThroughput(b *testing.B) {
 					defer st.Close()
 					sts[i] = st
 				}
-				if c, _ := d.Stats(); c != 1 {
-					b.Fatalf("%d connections, want 1", c)
+				want := 1
+				if streams > spreadAt {
+					want = spreadConns
+				}
+				if got, _ := d.Stats(); got != want {
+					b.Fatalf("%d connections for %d streams, want %d", got, streams, want)
 				}
 				runBench(b, sts, dir.code)
 			})
