@@ -663,7 +663,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		}
 		if s.closed || s.reset {
 			c.creditConnLocked(int64(len(data)))
-			s.cond.Broadcast()
+			s.wakeLocked()
 			return nil
 		}
 	}
@@ -679,7 +679,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	if f.StreamEnded() {
 		c.remoteEndedLocked(s)
 	}
-	s.cond.Broadcast()
+	s.wakeLocked()
 	return nil
 }
 
@@ -728,7 +728,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		if f.StreamEnded() {
 			c.remoteEndedLocked(s)
 		}
-		s.cond.Broadcast()
+		s.wakeLocked()
 		return nil
 	}
 	if c.client {
@@ -827,7 +827,7 @@ func (c *conn) removeLocked(s *Stream) {
 	}
 	s.removed = true
 	delete(c.streams, s.id)
-	s.cond.Broadcast()
+	s.wakeLocked()
 	c.checkIdleLocked()
 }
 
@@ -1000,7 +1000,7 @@ func (c *conn) closeWithError(err error) {
 		}
 		s.reset = true
 		s.removed = true
-		s.cond.Broadcast()
+		s.wakeLocked()
 	}
 	clear(c.streams)
 	c.mu.Unlock()

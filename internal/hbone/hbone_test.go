@@ -789,3 +789,84 @@ func TestStreamWriteToSocket(t *testing.T) {
 		t.Fatalf("%d of %d bytes written by the reader directly: want some, not all (the socket was full a while)", sunk, len(data))
 	}
 }
+
+// WriteToAsync: between bursts no goroutine runs for the stream (parked),
+// every byte reaches the socket in order, and done comes once at the end
+// with the count.
+func TestStreamWriteToAsync(t *testing.T) {
+	ca := newCA(t)
+	m := newManager(t, ca, 0)
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
+	echo := echoServer(t)
+	d := newDialer(t, m, Config{})
+	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sink, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	far, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	type result struct {
+		n   int64
+		err error
+	}
+	done := make(chan result, 2)
+	if !st.WriteToAsync(sink, func(n int64, err error) { done <- result{n, err} }) {
+		t.Fatal("WriteToAsync refused a TCP socket")
+	}
+	if st.WriteToAsync(sink, func(int64, error) {}) {
+		t.Fatal("a second WriteToAsync on the same stream was taken")
+	}
+	parked := func() bool {
+		st.c.mu.Lock()
+		defer st.c.mu.Unlock()
+		return st.park != nil && !st.park.running
+	}
+	var want []byte
+	far.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for i := range 3 {
+		burst := bytes.Repeat([]byte{byte('a' + i)}, 100000*(i+1))
+		want = append(want, burst...)
+		if _, err := st.Write(burst); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(burst))
+		if _, err := io.ReadFull(far, got); err != nil || !bytes.Equal(got, burst) {
+			t.Fatalf("burst %d: %v, equal %v", i, err, bytes.Equal(got, burst))
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for !parked() && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if !parked() {
+			t.Fatalf("after burst %d the stream's sink is not parked", i)
+		}
+	}
+	st.CloseWrite()
+	select {
+	case r := <-done:
+		if r.err != nil || r.n != int64(len(want)) {
+			t.Fatalf("done(%d, %v), want (%d, nil)", r.n, r.err, len(want))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("done not called after END_STREAM")
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("done called twice (%+v)", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+}

@@ -48,6 +48,7 @@ type Stream struct {
 	sinkBusy    bool          // the reader is writing to direct
 	wtBusy      bool          // WriteTo is writing a chunk
 	sunk        int64         // bytes the reader wrote to direct
+	park        *parkedSink   // WriteToAsync's state
 
 	// Request (server side) or response (client side), fixed once set.
 	method    string
@@ -194,6 +195,107 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 			return total, err
 		}
 		c.mu.Unlock()
+	}
+}
+
+// WriteToAsync is WriteTo without a goroutine while there is nothing to
+// do: the connection's reader writes arriving DATA to the socket w itself
+// (as for WriteTo), and a goroutine runs only while bytes wait for a full
+// socket, or to finish. done gets what WriteTo would return, once, from a
+// goroutine of the stream's own. It reports false, and does nothing, when
+// w is not a socket. An idle tunnel then costs no goroutine on this side.
+func (s *Stream) WriteToAsync(w io.Writer, done func(int64, error)) bool {
+	sc, ok := w.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.direct != nil || s.park != nil {
+		return false // a WriteTo is running
+	}
+	s.direct, s.sunk = newDirectWriter(rc), 0
+	s.park = &parkedSink{w: w, done: done}
+	s.wakeLocked() // whatever is queued or ended already
+	return true
+}
+
+// parkedSink is WriteToAsync's state, guarded by c.mu.
+type parkedSink struct {
+	w       io.Writer
+	done    func(int64, error)
+	running bool // a drain goroutine is on it
+	total   int64
+}
+
+// wakeLocked tells whoever waits for received data that something
+// changed: a blocked Read or WriteTo, or, for WriteToAsync, a new drain
+// goroutine. c.mu must be held.
+func (s *Stream) wakeLocked() {
+	s.cond.Broadcast()
+	if p := s.park; p != nil && !p.running {
+		p.running = true
+		go s.drain(p)
+	}
+}
+
+// drain is WriteToAsync's goroutine: it writes what is queued, finishes
+// at the end of the stream, and otherwise parks (ends) until wakeLocked.
+func (s *Stream) drain(p *parkedSink) {
+	c := s.c
+	c.mu.Lock()
+	finish := func(err error) {
+		total := p.total + s.sunk
+		s.park, s.direct = nil, nil
+		c.mu.Unlock()
+		p.done(total, err)
+	}
+	for {
+		switch {
+		case s.closed:
+			finish(net.ErrClosed)
+			return
+		case s.sinkBusy:
+			// The reader is writing to the socket; it wakes us if it has
+			// to queue.
+			p.running = false
+			c.mu.Unlock()
+			return
+		case s.rbuf.len() > 0:
+		case s.reof:
+			finish(nil)
+			return
+		case s.rerr != nil:
+			finish(s.rerr)
+			return
+		case expired(s.rdeadline):
+			finish(os.ErrDeadlineExceeded)
+			return
+		default:
+			p.running = false // nothing to do: park
+			c.mu.Unlock()
+			return
+		}
+		chunk, off := s.rbuf.take()
+		s.wtBusy = true
+		c.mu.Unlock()
+		data := (*chunk)[off:]
+		n, err := p.w.Write(data)
+		chunkPool.Put(chunk)
+		c.mu.Lock()
+		p.total += int64(n)
+		s.wtBusy = false
+		c.creditConnLocked(int64(len(data)))
+		s.creditLocked(int64(len(data)))
+		if err != nil {
+			finish(err)
+			return
+		}
 	}
 }
 
@@ -364,7 +466,7 @@ func (s *Stream) Close() error {
 	if s.wtimer != nil {
 		s.wtimer.Stop()
 	}
-	s.cond.Broadcast()
+	s.wakeLocked()
 	return nil
 }
 
@@ -402,11 +504,11 @@ func (s *Stream) setDeadline(d *time.Time, timer **time.Timer, t time.Time) {
 	if !t.IsZero() {
 		*timer = time.AfterFunc(time.Until(t), func() {
 			c.mu.Lock()
-			s.cond.Broadcast()
+			s.wakeLocked()
 			c.mu.Unlock()
 		})
 	}
-	s.cond.Broadcast()
+	s.wakeLocked()
 }
 
 func expired(d time.Time) bool { return !d.IsZero() && !time.Now().Before(d) }

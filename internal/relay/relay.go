@@ -55,8 +55,9 @@ func Bidirectional(a, b Conn) Result {
 	return r
 }
 
-// Go runs Bidirectional in two new goroutines and returns at once; done
-// gets the result, called from the goroutine that finishes last. The copy
+// Go runs Bidirectional in new goroutines and returns at once; done gets
+// the result, called from the goroutine that finishes last. A direction
+// from an HBONE stream to a socket holds no goroutine while idle. The copy
 // runs on fresh small stacks: a caller that did deep work first (a policy
 // check, a dial, a TLS handshake) does not keep its grown stack for the
 // connection's life, which for thousands of idle connections is most of a
@@ -70,22 +71,45 @@ func Go(a, b Conn, done func(Result)) {
 			done(r)
 		}
 	}
-	go func() {
-		r.AToB, r.ErrAToB = oneWay(b, a)
+	oneWayGo(b, a, &r.AToB, &r.ErrAToB, finish)
+	oneWayGo(a, b, &r.BToA, &r.ErrBToA, finish)
+}
+
+// asyncSource can copy to a socket with no goroutine while idle
+// (*hbone.Stream's WriteToAsync).
+type asyncSource interface {
+	WriteToAsync(w io.Writer, done func(int64, error)) bool
+}
+
+// oneWayGo copies src to dst and half-closes dst, then stores the count
+// and error and calls finish: from a goroutine of its own, or, for an
+// asyncSource, from the source's goroutine that runs only when there is
+// something to write.
+func oneWayGo(dst, src Conn, n *int64, err *error, finish func()) {
+	if as, ok := src.(asyncSource); ok && as.WriteToAsync(dst, func(m int64, e error) {
+		*n, *err = m, closeWrite(dst, e)
 		finish()
-	}()
+	}) {
+		return
+	}
 	go func() {
-		r.BToA, r.ErrBToA = oneWay(a, b)
+		*n, *err = oneWay(dst, src)
 		finish()
 	}()
 }
 
 func oneWay(dst, src Conn) (int64, error) {
 	n, err := copyConn(dst, src)
+	return n, closeWrite(dst, err)
+}
+
+// closeWrite passes the end on to dst and returns the copy's error, or
+// the half-close's if the copy had none.
+func closeWrite(dst Conn, err error) error {
 	if cerr := dst.CloseWrite(); err == nil && cerr != nil && !errors.Is(cerr, io.ErrClosedPipe) {
 		err = cerr
 	}
-	return n, err
+	return err
 }
 
 // bufSize is the copy buffer: what io.Copy uses, and two full TLS records.
