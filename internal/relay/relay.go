@@ -146,13 +146,18 @@ func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, 
 	var rerr error
 	read := func(fd uintptr) bool {
 		bp = bufPool.Get().(*[]byte)
-		n, rerr = unix.Read(int(fd), *bp)
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
 		if rerr == unix.EAGAIN {
 			bufPool.Put(bp)
 			bp = nil
 			return false // wait in the poller, holding nothing
 		}
-		return rerr != unix.EINTR
+		return true
 	}
 	for {
 		if err := rc.Read(read); err != nil {
