@@ -136,66 +136,72 @@ func (s *Stream) Read(p []byte) (int, error) {
 func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	c := s.c
 	var total int64
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if sc, ok := w.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
-			c.mu.Lock()
 			s.direct, s.sunk = newDirectWriter(rc), 0
-			c.mu.Unlock()
-			defer func() {
-				c.mu.Lock()
-				s.direct = nil
-				c.mu.Unlock()
-			}()
+			defer func() { s.direct = nil }() // before the unlock: defers run last first
 		}
 	}
 	for {
-		c.mu.Lock()
-		var chunk *[]byte
-		var off int
-		for chunk == nil {
-			switch {
-			case s.closed:
-				total += s.sunk
-				c.mu.Unlock()
-				return total, net.ErrClosed
-			case s.sinkBusy:
-				// The reader is writing to w: wait, so bytes stay in order.
-			case s.rbuf.len() > 0:
-				chunk, off = s.rbuf.take()
-				s.wtBusy = true
-				continue
-			case s.reof:
-				total += s.sunk
-				c.mu.Unlock()
-				return total, nil
-			case s.rerr != nil:
-				total += s.sunk
-				c.mu.Unlock()
-				return total, s.rerr
-			case expired(s.rdeadline):
-				total += s.sunk
-				c.mu.Unlock()
-				return total, os.ErrDeadlineExceeded
+		switch ready, end, err := s.sinkStateLocked(); {
+		case end:
+			return total + s.sunk, err
+		case ready:
+			n, err := s.writeChunkLocked(w)
+			total += int64(n)
+			if err != nil {
+				return total + s.sunk, err
 			}
+		default:
 			s.cond.Wait()
 		}
-		c.mu.Unlock()
-		data := (*chunk)[off:]
-		n, err := w.Write(data)
-		total += int64(n)
-		chunkPool.Put(chunk)
-		c.mu.Lock()
-		s.wtBusy = false
-		c.creditConnLocked(int64(len(data)))
-		s.creditLocked(int64(len(data)))
-		if err != nil {
-			s.direct = nil // the reader must not write to a broken sink
-			total += s.sunk
-			c.mu.Unlock()
-			return total, err
-		}
-		c.mu.Unlock()
 	}
+}
+
+// sinkStateLocked says what a copy of the received bytes to a socket
+// (WriteTo, WriteToAsync's drain) does next: write a chunk (ready), stop
+// with err (end), or neither: wait, while the reader writes to the socket
+// itself or nothing has come. c.mu must be held.
+func (s *Stream) sinkStateLocked() (ready, end bool, err error) {
+	switch {
+	case s.closed:
+		return false, true, net.ErrClosed
+	case s.sinkBusy:
+		return false, false, nil // the reader is writing: bytes stay in order
+	case s.rbuf.len() > 0:
+		return true, false, nil
+	case s.reof:
+		return false, true, nil
+	case s.rerr != nil:
+		return false, true, s.rerr
+	case expired(s.rdeadline):
+		return false, true, os.ErrDeadlineExceeded
+	}
+	return false, false, nil
+}
+
+// writeChunkLocked writes the first received chunk to w, with c.mu
+// released meanwhile, and returns the peer's window for it. After a write
+// error the reader no longer writes to the socket directly. c.mu must be
+// held; it is held again on return.
+func (s *Stream) writeChunkLocked(w io.Writer) (int, error) {
+	c := s.c
+	chunk, off := s.rbuf.take()
+	s.wtBusy = true
+	c.mu.Unlock()
+	data := (*chunk)[off:]
+	n, err := w.Write(data)
+	chunkPool.Put(chunk)
+	c.mu.Lock()
+	s.wtBusy = false
+	c.creditConnLocked(int64(len(data)))
+	s.creditLocked(int64(len(data)))
+	if err != nil {
+		s.direct = nil
+	}
+	return n, err
 }
 
 // WriteToAsync is WriteTo without a goroutine while there is nothing to
@@ -249,53 +255,26 @@ func (s *Stream) wakeLocked() {
 func (s *Stream) drain(p *parkedSink) {
 	c := s.c
 	c.mu.Lock()
-	finish := func(err error) {
+	for {
+		ready, end, err := s.sinkStateLocked()
+		if ready {
+			var n int
+			n, err = s.writeChunkLocked(p.w)
+			p.total += int64(n)
+			if end = err != nil; !end {
+				continue
+			}
+		}
+		if !end {
+			p.running = false // nothing to do (or the reader is on it): park
+			c.mu.Unlock()
+			return
+		}
 		total := p.total + s.sunk
 		s.park, s.direct = nil, nil
 		c.mu.Unlock()
 		p.done(total, err)
-	}
-	for {
-		switch {
-		case s.closed:
-			finish(net.ErrClosed)
-			return
-		case s.sinkBusy:
-			// The reader is writing to the socket; it wakes us if it has
-			// to queue.
-			p.running = false
-			c.mu.Unlock()
-			return
-		case s.rbuf.len() > 0:
-		case s.reof:
-			finish(nil)
-			return
-		case s.rerr != nil:
-			finish(s.rerr)
-			return
-		case expired(s.rdeadline):
-			finish(os.ErrDeadlineExceeded)
-			return
-		default:
-			p.running = false // nothing to do: park
-			c.mu.Unlock()
-			return
-		}
-		chunk, off := s.rbuf.take()
-		s.wtBusy = true
-		c.mu.Unlock()
-		data := (*chunk)[off:]
-		n, err := p.w.Write(data)
-		chunkPool.Put(chunk)
-		c.mu.Lock()
-		p.total += int64(n)
-		s.wtBusy = false
-		c.creditConnLocked(int64(len(data)))
-		s.creditLocked(int64(len(data)))
-		if err != nil {
-			finish(err)
-			return
-		}
+		return
 	}
 }
 
