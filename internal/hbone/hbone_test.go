@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"golang.org/x/net/http2"
 )
 
@@ -694,16 +695,8 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 // WriteTo hands the received chunks to the writer until END_STREAM, with
 // every byte in order, and stops at the writer's first error.
 func TestStreamWriteTo(t *testing.T) {
-	ca := newCA(t)
-	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relayHandler(), Config{})
-	echo := echoServer(t)
-	d := newDialer(t, m, Config{})
-	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	open := echoStreams(t)
+	st := open()
 	data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16+3) // ~1 MiB, not a chunk multiple
 	go func() {
 		st.Write(data)
@@ -715,11 +708,7 @@ func TestStreamWriteTo(t *testing.T) {
 		t.Fatalf("WriteTo: %d bytes, %v; content equal %v", n, err, bytes.Equal(got.Bytes(), data))
 	}
 
-	st2, err := d.Dial(ctxT(t), request(srv.addr, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st2.Close()
+	st2 := open()
 	go st2.Write(data)
 	if _, err := st2.WriteTo(&failingWriter{after: 1}); err == nil || err.Error() != "writer broke" {
 		t.Fatalf("WriteTo to a failing writer: %v, want its error", err)
@@ -731,31 +720,8 @@ func TestStreamWriteTo(t *testing.T) {
 // reads nothing for a while, then all); every byte arrives once, in order,
 // and the count includes both ways.
 func TestStreamWriteToSocket(t *testing.T) {
-	ca := newCA(t)
-	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relayHandler(), Config{})
-	echo := echoServer(t)
-	d := newDialer(t, m, Config{})
-	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	sink, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
-	far, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer far.Close()
+	st := echoStreams(t)()
+	sink, far := testutil.TCPPair(t)
 	data := make([]byte, 8<<20+321)
 	for i := range data {
 		data[i] = byte(i * 7 / 13)
@@ -770,7 +736,7 @@ func TestStreamWriteToSocket(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
-		sink.(*net.TCPConn).CloseWrite()
+		sink.CloseWrite()
 		done <- n
 	}()
 	time.Sleep(300 * time.Millisecond) // the socket fills up meanwhile
@@ -794,31 +760,8 @@ func TestStreamWriteToSocket(t *testing.T) {
 // every byte reaches the socket in order, and done comes once at the end
 // with the count.
 func TestStreamWriteToAsync(t *testing.T) {
-	ca := newCA(t)
-	m := newManager(t, ca, 0)
-	srv := startServer(t, m, serverID, relayHandler(), Config{})
-	echo := echoServer(t)
-	d := newDialer(t, m, Config{})
-	st, err := d.Dial(ctxT(t), request(srv.addr, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	sink, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
-	far, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer far.Close()
+	st := echoStreams(t)()
+	sink, far := testutil.TCPPair(t)
 	type result struct {
 		n   int64
 		err error

@@ -140,6 +140,25 @@ func relayHandler() Handler {
 	})
 }
 
+// echoStreams returns a function that opens streams through a real HBONE
+// server relaying to a TCP echo server, each closed with the test.
+func echoStreams(t testing.TB) func() *Stream {
+	ca := newCA(t)
+	m := newManager(t, ca, 0)
+	srv := startServer(t, m, serverID, relayHandler(), Config{})
+	echo := echoServer(t)
+	d := newDialer(t, m, Config{})
+	return func() *Stream {
+		t.Helper()
+		st, err := d.Dial(ctxT(t), request(srv.addr, echo))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+}
+
 // serveTCP serves each loopback connection with serve until the test ends.
 func serveTCP(t testing.TB, serve func(net.Conn)) netip.AddrPort {
 	return testutil.ServeTCP(t, "127.0.0.1:0", serve)

@@ -7,34 +7,14 @@ import (
 	"net"
 	"testing"
 	"time"
-)
 
-// tcpPair returns the two ends of a real loopback TCP connection.
-func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	acc := make(chan net.Conn, 1)
-	go func() {
-		c, _ := l.Accept()
-		acc <- c
-	}()
-	c, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := <-acc
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
+	"github.com/ambitmesh/ambit/internal/testutil"
+)
 
 // client <-> [a relay b] <-> server: each direction ends on its own.
 func TestBidirectionalHalfClose(t *testing.T) {
-	client, a := tcpPair(t)
-	b, server := tcpPair(t)
+	client, a := testutil.TCPPair(t)
+	b, server := testutil.TCPPair(t)
 	done := make(chan Result, 1)
 	go func() { done <- Bidirectional(a, b) }()
 
@@ -65,8 +45,8 @@ func TestBidirectionalHalfClose(t *testing.T) {
 // waits for readability, then reads into a pooled buffer): every byte
 // arrives, in order, whether reads come full or short.
 func TestBidirectionalIntegrity(t *testing.T) {
-	client, a := tcpPair(t)
-	b, server := tcpPair(t)
+	client, a := testutil.TCPPair(t)
+	b, server := testutil.TCPPair(t)
 	done := make(chan Result, 1)
 	go func() { done <- Bidirectional(a, b) }()
 	up, down := make([]byte, 3<<20+17), make([]byte, 2<<20+5)
@@ -100,8 +80,8 @@ func TestBidirectionalIntegrity(t *testing.T) {
 // A relay blocked on an idle socket ends when the socket is closed under
 // it (how the proxy closes connections a policy change denies).
 func TestCloseUnblocksIdleRelay(t *testing.T) {
-	_, a := tcpPair(t)
-	b, _ := tcpPair(t)
+	_, a := testutil.TCPPair(t)
+	b, _ := testutil.TCPPair(t)
 	done := make(chan Result, 1)
 	go func() { done <- Bidirectional(a, b) }()
 	time.Sleep(50 * time.Millisecond)
@@ -120,8 +100,8 @@ func TestCloseUnblocksIdleRelay(t *testing.T) {
 // Go returns at once and reports the same result as Bidirectional, once,
 // after both directions end.
 func TestGo(t *testing.T) {
-	client, a := tcpPair(t)
-	b, server := tcpPair(t)
+	client, a := testutil.TCPPair(t)
+	b, server := testutil.TCPPair(t)
 	done := make(chan Result, 2)
 	Go(a, b, func(r Result) { done <- r })
 	client.Write([]byte("ping"))
