@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -222,7 +223,7 @@ func raiseFileLimit(n uint64) (int, error) {
 func (e *env) header() {
 	host, _ := os.Hostname()
 	fmt.Fprintf(e.report, "# ambit bench, %s\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
-	fmt.Fprintf(e.report, "Machine: %s, %d vCPU (%s), kernel %s. Quick: %v.\n\n", host, numCPU(), cpuModel(), kernel(), e.o.Quick)
+	fmt.Fprintf(e.report, "Machine: %s, %d vCPU (%s), kernel %s. Quick: %v.\n\n", host, runtime.NumCPU(), cpuModel(), kernel(), e.o.Quick)
 	fmt.Fprintf(e.report, "Three ways between the client pod (node master) and the server pod (node worker1):\n"+
 		"**direct** (mesh off, plain TCP), **mesh** (both pods enrolled: capture, HBONE, capture) and\n"+
 		"**tls-relay** (mesh off; one TLS 1.3 connection per TCP connection between two `io.Copy` relays in the pods).\n\n")
@@ -378,15 +379,16 @@ func tailLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// metricSum adds up every series of a Prometheus counter on a node
-// proxy's metrics port.
-func (e *env) metricSum(node, metric string) (float64, error) {
+// metricSums adds up every series of each named Prometheus counter on a
+// node proxy's metrics port, in one scrape; the sums come in the order of
+// the names.
+func (e *env) metricSums(node string, metrics ...string) ([]float64, error) {
 	h, err := netns.GetFromName(e.t.NodeNamespace(node))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer h.Close()
-	var sum float64
+	sums := make([]float64, len(metrics))
 	err = nsutil.Do(h, func() error {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:15020", 2*time.Second)
 		if err != nil {
@@ -401,30 +403,20 @@ func (e *env) metricSum(node, metric string) (float64, error) {
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
 			line := sc.Text()
-			if !strings.HasPrefix(line, metric+"{") && !strings.HasPrefix(line, metric+" ") {
-				continue
+			for i, metric := range metrics {
+				if !strings.HasPrefix(line, metric+"{") && !strings.HasPrefix(line, metric+" ") {
+					continue
+				}
+				v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+				if err != nil {
+					return fmt.Errorf("metric line %q: %w", line, err)
+				}
+				sums[i] += v
 			}
-			v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
-			if err != nil {
-				return fmt.Errorf("metric line %q: %w", line, err)
-			}
-			sum += v
 		}
 		return sc.Err()
 	})
-	return sum, err
-}
-
-func numCPU() int {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	return strings.Count(string(b), "\nprocessor") + boolInt(strings.HasPrefix(string(b), "processor"))
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
+	return sums, err
 }
 
 func cpuModel() string {
@@ -442,7 +434,7 @@ func kernel() string {
 	return strings.TrimSpace(string(b))
 }
 
-// jsonField decodes out from JSON, naming what failed.
+// decodeJSON decodes out from JSON, naming what failed.
 func decodeJSON(what string, data []byte, out any) error {
 	if err := json.Unmarshal(data, out); err != nil {
 		return fmt.Errorf("%s: bad JSON (%w): %s", what, err, tailLines(string(data), 3))

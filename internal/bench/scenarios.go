@@ -260,12 +260,11 @@ func (e *env) idle(ctx context.Context) error {
 		return err
 	}
 	type row struct {
-		way   string
-		n     int
-		base  [2]procSample
-		at    [2]procSample
-		held  HoldResult
-		procs [2]int
+		way  string
+		n    int
+		base [2]procSample
+		at   [2]procSample
+		held HoldResult
 	}
 	var rows []row
 	var skipped []string
@@ -294,7 +293,7 @@ func (e *env) idle(ctx context.Context) error {
 				return fmt.Errorf("%s: %w", w.name, err)
 			}
 			time.Sleep(e.dur(3*time.Second, time.Second)) // let the proxies settle
-			rw := row{way: w.name, n: n, base: base, held: held, procs: pids}
+			rw := row{way: w.name, n: n, base: base, held: held}
 			for i, pid := range pids {
 				if rw.at[i], err = sampleProc(pid); err != nil {
 					return err
@@ -418,9 +417,10 @@ func (e *env) storm(ctx context.Context) error {
 		if err := e.setMesh(true); err != nil {
 			return err
 		}
-		o0, _ := e.metricSum("master", "istio_tcp_connections_opened_total")
-		f0, _ := e.metricSum("master", "istio_tcp_connections_failed_total")
-		i0, _ := e.metricSum("worker1", "istio_tcp_connections_opened_total")
+		before, err := e.connCounts()
+		if err != nil {
+			return fmt.Errorf("proxy metrics: %w", err)
+		}
 		rw.l, err = e.measure(ways[1], fortioPort, func() (err error) {
 			rw.mesh, err = e.fortio(ctx, ways[1].addr(fortioPort), 0, c, d, false)
 			return err
@@ -429,13 +429,11 @@ func (e *env) storm(ctx context.Context) error {
 			return fmt.Errorf("mesh: %w", err)
 		}
 		time.Sleep(500 * time.Millisecond) // the last closes
-		o1, err1 := e.metricSum("master", "istio_tcp_connections_opened_total")
-		f1, err2 := e.metricSum("master", "istio_tcp_connections_failed_total")
-		i1, err3 := e.metricSum("worker1", "istio_tcp_connections_opened_total")
-		if err := firstErr(err1, err2, err3); err != nil {
+		after, err := e.connCounts()
+		if err != nil {
 			return fmt.Errorf("proxy metrics: %w", err)
 		}
-		rw.opened, rw.failed, rw.inbound = o1-o0, f1-f0, i1-i0
+		rw.opened, rw.failed, rw.inbound = after[0]-before[0], after[1]-before[1], after[2]-before[2]
 		rw.lost = rw.mesh.SocketCount - int(rw.opened+rw.failed)
 		rows = append(rows, rw)
 		fmt.Fprintf(e.o.Progress, "  %4d concurrent: direct %.0f conn/s, mesh %.0f conn/s; sockets %d = opened %.0f + failed %.0f; peak RSS %.1f / %.1f MB\n",
@@ -471,11 +469,17 @@ func (e *env) storm(ctx context.Context) error {
 	return nil
 }
 
-func firstErr(errs ...error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
+// connCounts scrapes each proxy once: the client side's opened and failed
+// connections, then the server side's opened.
+func (e *env) connCounts() ([3]float64, error) {
+	var out [3]float64
+	client, err := e.metricSums("master", "istio_tcp_connections_opened_total", "istio_tcp_connections_failed_total")
+	if err != nil {
+		return out, err
 	}
-	return nil
+	server, err := e.metricSums("worker1", "istio_tcp_connections_opened_total")
+	if err != nil {
+		return out, err
+	}
+	return [3]float64{client[0], client[1], server[0]}, nil
 }
