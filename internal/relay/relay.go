@@ -43,16 +43,9 @@ func (r Result) Err() error { return errors.Join(r.ErrAToB, r.ErrBToA) }
 // Bidirectional copies a→b and b→a until both directions have ended. It
 // does not close a or b; the caller does, after it returns.
 func Bidirectional(a, b Conn) Result {
-	var r Result
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		r.AToB, r.ErrAToB = oneWay(b, a)
-	}()
-	r.BToA, r.ErrBToA = oneWay(a, b)
-	wg.Wait()
-	return r
+	done := make(chan Result, 1)
+	Go(a, b, func(r Result) { done <- r })
+	return <-done
 }
 
 // Go runs Bidirectional in new goroutines and returns at once; done gets
