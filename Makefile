@@ -17,7 +17,8 @@ FUZZ_TARGETS := \
 	./internal/hbone:FuzzParseTraceparent \
 	./internal/hbone:FuzzServerFrames \
 	./internal/config:FuzzParse \
-	./internal/socks5:FuzzHandshake
+	./internal/socks5:FuzzHandshake \
+	./internal/trace:FuzzDecodeTCP
 
 FORTIO_VERSION ?= v1.68.2
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
@@ -27,7 +28,7 @@ GOBIN ?= $(shell $(GO) env GOPATH)/bin
 all: build
 
 build:
-	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ambit ./cmd/ambit
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o bin/ambit ./cmd/ambit
 
 demo: build  ## the seed's request in a lab, hop by hop (root)
 	./bin/ambit demo

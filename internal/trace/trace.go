@@ -4,18 +4,18 @@
 package trace
 
 import (
+	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
-	"github.com/google/gopacket"
-	"github.com/google/gopacket/layers"
-	"github.com/google/gopacket/pcapgo"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -70,7 +70,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 func (c *Capture) loop() {
 	defer close(c.done)
-	buf := make([]byte, 65536)
+	buf := make([]byte, snapLen)
 	for {
 		select {
 		case <-c.stop:
@@ -104,33 +104,46 @@ func (c *Capture) Stop() []Packet {
 	return c.packets
 }
 
-// WritePCAP writes packets as a pcap file of Ethernet frames.
+// WritePCAP writes packets as a pcap file of Ethernet frames (the classic
+// format: microsecond stamps, little-endian), which Wireshark and tcpdump
+// read.
 func WritePCAP(path string, packets []Packet) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
-	w := pcapgo.NewWriter(f)
-	if err := w.WriteFileHeader(65536, layers.LinkTypeEthernet); err != nil {
-		f.Close()
-		return err
-	}
+	w := bufio.NewWriter(f)
+	var hdr [24]byte
+	binary.LittleEndian.PutUint32(hdr[0:], 0xa1b2c3d4) // magic: microseconds
+	binary.LittleEndian.PutUint16(hdr[4:], 2)          // version 2.4
+	binary.LittleEndian.PutUint16(hdr[6:], 4)
+	binary.LittleEndian.PutUint32(hdr[16:], snapLen)
+	binary.LittleEndian.PutUint32(hdr[20:], 1) // link type: Ethernet
+	w.Write(hdr[:])
 	for _, p := range packets {
-		ci := gopacket.CaptureInfo{Timestamp: p.Time, CaptureLength: len(p.Data), Length: len(p.Data)}
-		if err := w.WritePacket(ci, p.Data); err != nil {
-			f.Close()
-			return err
-		}
+		var rec [16]byte
+		binary.LittleEndian.PutUint32(rec[0:], uint32(p.Time.Unix()))
+		binary.LittleEndian.PutUint32(rec[4:], uint32(p.Time.Nanosecond()/1000))
+		binary.LittleEndian.PutUint32(rec[8:], uint32(len(p.Data)))
+		binary.LittleEndian.PutUint32(rec[12:], uint32(len(p.Data)))
+		w.Write(rec[:])
+		w.Write(p.Data)
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return f.Close()
 }
+
+// snapLen is the largest frame a capture keeps (its receive buffer).
+const snapLen = 65536
 
 // TCP keeps the TCP packets among those captured.
 func TCP(packets []Packet) []Packet {
 	var out []Packet
 	for _, p := range packets {
-		pk := gopacket.NewPacket(p.Data, layers.LayerTypeEthernet, gopacket.NoCopy)
-		if pk.Layer(layers.LayerTypeTCP) != nil {
+		if _, ok := decodeTCP(p.Data); ok {
 			out = append(out, p)
 		}
 	}
@@ -140,38 +153,34 @@ func TCP(packets []Packet) []Packet {
 // Describe renders a packet the way tcpdump would, plus what its payload
 // is: plaintext HTTP (the first line) or TLS (the record type).
 func Describe(p Packet, start time.Time) string {
-	pk := gopacket.NewPacket(p.Data, layers.LayerTypeEthernet, gopacket.NoCopy)
-	ip4, _ := pk.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
-	tcp, _ := pk.Layer(layers.LayerTypeTCP).(*layers.TCP)
 	at := fmt.Sprintf("%9.3fms", float64(p.Time.Sub(start).Microseconds())/1000)
-	if ip4 == nil || tcp == nil {
-		return at + "  (not TCP/IPv4)"
+	s, ok := decodeTCP(p.Data)
+	if !ok {
+		return at + "  (not TCP)"
 	}
 	var flags []string
 	for _, f := range []struct {
-		on   bool
+		bit  byte
 		name string
-	}{{tcp.SYN, "S"}, {tcp.FIN, "F"}, {tcp.RST, "R"}, {tcp.PSH, "P"}, {tcp.ACK, "."}} {
-		if f.on {
+	}{{flagSYN, "S"}, {flagFIN, "F"}, {flagRST, "R"}, {flagPSH, "P"}, {flagACK, "."}} {
+		if s.flags&f.bit != 0 {
 			flags = append(flags, f.name)
 		}
 	}
-	line := fmt.Sprintf("%s  %s:%d > %s:%d [%s] len %d", at, ip4.SrcIP, tcp.SrcPort, ip4.DstIP, tcp.DstPort, strings.Join(flags, ""), len(tcp.Payload))
-	if s := payloadKind(tcp.Payload); s != "" {
-		line += "  " + s
+	line := fmt.Sprintf("%s  %s > %s [%s] len %d", at, netip.AddrPortFrom(s.src, s.sport), netip.AddrPortFrom(s.dst, s.dport), strings.Join(flags, ""), len(s.payload))
+	if k := payloadKind(s.payload); k != "" {
+		line += "  " + k
 	}
 	return line
 }
 
 // PlaintextHTTP reports whether a packet carries readable HTTP.
 func PlaintextHTTP(p Packet) bool {
-	pk := gopacket.NewPacket(p.Data, layers.LayerTypeEthernet, gopacket.NoCopy)
-	tcp, _ := pk.Layer(layers.LayerTypeTCP).(*layers.TCP)
-	if tcp == nil {
+	s, ok := decodeTCP(p.Data)
+	if !ok {
 		return false
 	}
-	s := string(tcp.Payload)
-	return strings.HasPrefix(s, "GET ") || strings.HasPrefix(s, "POST ") || strings.HasPrefix(s, "HTTP/1.")
+	return strings.HasPrefix(string(s.payload), "GET ") || strings.HasPrefix(string(s.payload), "POST ") || strings.HasPrefix(string(s.payload), "HTTP/1.")
 }
 
 func payloadKind(b []byte) string {
