@@ -127,16 +127,21 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	}
 	var lateMu sync.Mutex
 	var late string
+	var abort func()
 	lc := &liveConn{dstUID: dst.UID, authz: ac, close: func(reason string) {
 		lateMu.Lock()
 		late = reason
+		a := abort
 		lateMu.Unlock()
+		if a != nil {
+			a()
+		}
 		down.Close()
 		up.Close()
 	}}
 	p.track(lc)
 	p.opts.Metrics.Opened(tc)
-	p.relayAsync(down, up, func(res relay.Result) {
+	a := p.relayAsync(down, up, func(res relay.Result) {
 		p.untrack(lc)
 		up.Close()
 		down.Close()
@@ -150,6 +155,9 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, flag)
 		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
 	})
+	lateMu.Lock()
+	abort = a
+	lateMu.Unlock()
 	return true
 }
 

@@ -89,6 +89,7 @@ type Proxy struct {
 	self   atomic.Pointer[workload.Workload] // dedicated mode: the workload served
 	dialer *hbone.Dialer
 	server *hbone.Server
+	poller *relay.Poller // idle sockets wait here, not in goroutines; nil: goroutines (set by Run)
 
 	rndMu sync.Mutex
 	rnd   *rand.Rand
@@ -280,6 +281,11 @@ func (p *Proxy) adminIP() netip.Addr {
 // Run opens every listener and serves until ctx ends, then drains: HBONE
 // connections get GOAWAY, live connections are given a moment to finish.
 func (p *Proxy) Run(ctx context.Context) error {
+	if pl, err := relay.NewPoller(); err != nil {
+		p.log.Warn("idle connections will each hold a goroutine", "err", err)
+	} else {
+		p.poller = pl
+	}
 	ip := p.listenIP()
 	type listener struct {
 		name  string
@@ -327,6 +333,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 	_ = p.server.Shutdown(shutCtx)
 	p.closeInbound("proxy shutting down")
 	p.dialer.Close()
+	if p.poller != nil {
+		p.poller.Close() // ends the relays whose sockets wait in it
+	}
 	p.wg.Wait()
 	return nil
 }
@@ -353,13 +362,15 @@ func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 	}
 }
 
-// relayAsync copies between down and up in fresh goroutines owned by the
-// proxy (relay.Go) and calls finish when both directions have ended. The
-// goroutine that set the connection up returns: its stack, grown by the
-// dial and the handshake, does not live as long as the connection.
-func (p *Proxy) relayAsync(down, up relay.Conn, finish func(relay.Result)) {
+// relayAsync copies between down and up, owned by the proxy, and calls
+// finish when both directions have ended. The goroutine that set the
+// connection up returns: its stack, grown by the dial and the handshake,
+// does not live as long as the connection, and a direction with nothing to
+// copy holds no goroutine at all (relay.Poller). Whoever closes down or up
+// before finish runs calls abort first.
+func (p *Proxy) relayAsync(down, up relay.Conn, finish func(relay.Result)) (abort func()) {
 	p.wg.Add(1)
-	relay.Go(down, up, func(r relay.Result) {
+	return p.poller.Go(down, up, func(r relay.Result) {
 		defer p.wg.Done()
 		finish(r)
 	})

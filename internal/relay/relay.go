@@ -6,8 +6,9 @@
 // It is careful with memory, since a node proxy holds thousands of mostly
 // idle connections: a direction waiting for data holds no buffer. From a
 // socket it waits for readability first and only then takes a pooled
-// buffer; from a source that hands out its own buffers (an HBONE stream's
-// WriteTo) it copies nothing.
+// buffer, and with a Poller it waits with no goroutine either; from a
+// source that hands out its own buffers (an HBONE stream's WriteToAsync)
+// it copies nothing and holds no goroutine while idle.
 package relay
 
 import (
@@ -55,7 +56,12 @@ func Bidirectional(a, b Conn) Result {
 // check, a dial, a TLS handshake) does not keep its grown stack for the
 // connection's life, which for thousands of idle connections is most of a
 // proxy's memory.
-func Go(a, b Conn, done func(Result)) {
+func Go(a, b Conn, done func(Result)) { start(nil, a, b, done) }
+
+// start begins both directions: a socket source waits in p's set when p
+// is not nil (the directions that do are returned), any other in a
+// goroutine or its source's own callback.
+func start(p *Poller, a, b Conn, done func(Result)) (idle []*idleRead) {
 	var r Result
 	var left atomic.Int32
 	left.Store(2)
@@ -64,8 +70,19 @@ func Go(a, b Conn, done func(Result)) {
 			done(r)
 		}
 	}
-	oneWayGo(b, a, &r.AToB, &r.ErrAToB, finish)
-	oneWayGo(a, b, &r.BToA, &r.ErrBToA, finish)
+	for _, d := range []struct {
+		dst, src Conn
+		n        *int64
+		err      *error
+	}{{b, a, &r.AToB, &r.ErrAToB}, {a, b, &r.BToA, &r.ErrBToA}} {
+		if ir := p.newIdleRead(d.dst, d.src, d.n, d.err, finish); ir != nil {
+			idle = append(idle, ir)
+			ir.arm() // no goroutine until there is data (now, or later)
+			continue
+		}
+		oneWayGo(d.dst, d.src, d.n, d.err, finish)
+	}
+	return idle
 }
 
 // asyncSource can copy to a socket with no goroutine while idle
@@ -138,13 +155,7 @@ func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, 
 	var n int
 	var rerr error
 	read := func(fd uintptr) bool {
-		bp = bufPool.Get().(*[]byte)
-		for {
-			n, rerr = unix.Read(int(fd), *bp)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
+		bp, n, rerr = readPooled(fd)
 		if rerr == unix.EAGAIN {
 			bufPool.Put(bp)
 			bp = nil
@@ -176,6 +187,18 @@ func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, 
 		}
 		if werr != nil {
 			return total, werr
+		}
+	}
+}
+
+// readPooled makes one read(2) into a buffer from the pool (EINTR is
+// retried); the caller puts the buffer back.
+func readPooled(fd uintptr) (*[]byte, int, error) {
+	bp := bufPool.Get().(*[]byte)
+	for {
+		n, err := unix.Read(int(fd), *bp)
+		if err != unix.EINTR {
+			return bp, n, err
 		}
 	}
 }

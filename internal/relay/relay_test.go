@@ -11,12 +11,36 @@ import (
 	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
+// runners are the two ways to relay, each run to its end: goroutines
+// (Bidirectional) and the poller's idle wait.
+func runners(t *testing.T) map[string]func(a, b Conn) Result {
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return map[string]func(a, b Conn) Result{
+		"goroutines": Bidirectional,
+		"poller": func(a, b Conn) Result {
+			done := make(chan Result, 1)
+			p.Go(a, b, func(r Result) { done <- r })
+			return <-done
+		},
+	}
+}
+
 // client <-> [a relay b] <-> server: each direction ends on its own.
 func TestBidirectionalHalfClose(t *testing.T) {
+	for name, run := range runners(t) {
+		t.Run(name, func(t *testing.T) { testHalfClose(t, run) })
+	}
+}
+
+func testHalfClose(t *testing.T, run func(a, b Conn) Result) {
 	client, a := testutil.TCPPair(t)
 	b, server := testutil.TCPPair(t)
 	done := make(chan Result, 1)
-	go func() { done <- Bidirectional(a, b) }()
+	go func() { done <- run(a, b) }()
 
 	// The server answers first and half-closes; the client keeps sending after.
 	server.Write([]byte("hello"))
@@ -45,10 +69,16 @@ func TestBidirectionalHalfClose(t *testing.T) {
 // waits for readability, then reads into a pooled buffer): every byte
 // arrives, in order, whether reads come full or short.
 func TestBidirectionalIntegrity(t *testing.T) {
+	for name, run := range runners(t) {
+		t.Run(name, func(t *testing.T) { testIntegrity(t, run) })
+	}
+}
+
+func testIntegrity(t *testing.T, run func(a, b Conn) Result) {
 	client, a := testutil.TCPPair(t)
 	b, server := testutil.TCPPair(t)
 	done := make(chan Result, 1)
-	go func() { done <- Bidirectional(a, b) }()
+	go func() { done <- run(a, b) }()
 	up, down := make([]byte, 3<<20+17), make([]byte, 2<<20+5)
 	rand.Read(up)
 	rand.Read(down)

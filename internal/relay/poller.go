@@ -1,0 +1,298 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Poller lets a direction that reads from a socket wait for data with no
+// goroutine at all: the socket sits in one epoll set of the Poller's,
+// which one goroutine watches through the runtime's own poller (an epoll
+// descriptor is itself pollable). When a socket turns readable, a
+// goroutine starts, copies until the socket has nothing more (EAGAIN),
+// puts the socket back in the set and ends.
+//
+// A goroutine parked on a socket costs its stack (2–8 KB); a socket in the
+// set costs a few words. For a node proxy holding 10,000 idle connections
+// that is most of its memory.
+//
+// The price is two syscalls per burst of data (the re-arm, and the
+// epoll_wait that sees it) and a goroutine start; see docs/benchmarks.md.
+//
+// Every socket in the set is there under an id, never by its descriptor
+// number alone, and every change to the set goes through the socket's
+// RawConn.Control: a closed descriptor number reused by a new socket is
+// never touched. A relay whose socket is closed while it waits would never
+// hear of it (closing a descriptor drops it from the set silently), so
+// the closer calls the abort that Go returns first.
+type Poller struct {
+	ep   *os.File
+	epfd int // ep's descriptor (ep.Fd would make it blocking); used under mu while !closed
+	rc   syscall.RawConn
+	done chan struct{}
+
+	mu       sync.Mutex
+	closed   bool
+	next     uint64
+	watching map[uint64]*idleRead
+}
+
+// NewPoller starts a poller; Close ends it.
+func NewPoller() (*Poller, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("relay: epoll_create1: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("relay: epoll set non-blocking: %w", err)
+	}
+	// Non-blocking, so os.NewFile registers it with the runtime's poller.
+	ep := os.NewFile(uintptr(fd), "relay-epoll")
+	rc, err := ep.SyscallConn()
+	if err != nil {
+		ep.Close()
+		return nil, fmt.Errorf("relay: epoll: %w", err)
+	}
+	p := &Poller{ep: ep, epfd: fd, rc: rc, done: make(chan struct{}), watching: map[uint64]*idleRead{}}
+	go p.loop()
+	return p, nil
+}
+
+// Close stops the poller. Directions waiting in it end with net.ErrClosed
+// (their relays' done functions run before Close returns); those copying
+// end when they next would wait.
+func (p *Poller) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	waiting := p.watching
+	p.watching = nil
+	p.mu.Unlock()
+	err := p.ep.Close() // wakes the loop
+	<-p.done
+	for _, r := range waiting {
+		r.finish(net.ErrClosed)
+	}
+	return err
+}
+
+// Waiting reports how many directions wait in the set (for tests and
+// metrics).
+func (p *Poller) Waiting() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.watching)
+}
+
+func (p *Poller) loop() {
+	defer close(p.done)
+	events := make([]unix.EpollEvent, 128)
+	var n int
+	var werr error
+	wait := func(fd uintptr) bool {
+		for {
+			n, werr = unix.EpollWait(int(fd), events, 0)
+			if werr != unix.EINTR {
+				break
+			}
+		}
+		return werr != nil || n > 0 // nothing: park until the set has news
+	}
+	var ready []*idleRead
+	for {
+		if err := p.rc.Read(wait); err != nil || werr != nil {
+			return // Close (epoll_wait on a live set fails only if it is gone)
+		}
+		ready = ready[:0]
+		p.mu.Lock()
+		for _, ev := range events[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if r, ok := p.watching[id]; ok {
+				delete(p.watching, id) // one-shot: the set holds it disarmed
+				ready = append(ready, r)
+			}
+		}
+		p.mu.Unlock()
+		for _, r := range ready {
+			go r.run()
+		}
+		clear(ready)
+	}
+}
+
+// Go is the package's Go with every direction that reads a *net.TCPConn
+// waiting in the poller rather than in a goroutine. Before closing a or b
+// while the relay may still run, call abort: it ends the directions that
+// wait in the poller (with net.ErrClosed), and the close ends the others.
+// A nil Poller is the package's Go; its abort does nothing.
+func (p *Poller) Go(a, b Conn, done func(Result)) (abort func()) {
+	if p == nil {
+		Go(a, b, done)
+		return func() {}
+	}
+	idle := start(p, a, b, done)
+	return func() {
+		for _, ir := range idle {
+			ir.abort()
+		}
+	}
+}
+
+// idleRead is one direction from a socket: a goroutine while there is
+// data, an entry in the poller's set while there is none.
+type idleRead struct {
+	p       *Poller
+	id      uint64
+	dst     Conn
+	rc      syscall.RawConn
+	added   bool // in the epoll set (armed or not)
+	aborted bool // guarded by p.mu
+	n       *int64
+	err     *error
+	done    func()
+}
+
+// newIdleRead returns nil where the poller cannot serve: no poller, or a
+// source that is not a socket.
+func (p *Poller) newIdleRead(dst, src Conn, n *int64, err *error, done func()) *idleRead {
+	sc, ok := src.(*net.TCPConn)
+	if p == nil || !ok {
+		return nil
+	}
+	rc, rerr := sc.SyscallConn()
+	if rerr != nil {
+		return nil
+	}
+	p.mu.Lock()
+	p.next++
+	id := p.next
+	p.mu.Unlock()
+	return &idleRead{p: p, id: id, dst: dst, rc: rc, n: n, err: err, done: done}
+}
+
+// run copies until the socket has nothing, then waits in the set. It is
+// the only goroutine of the direction, and ends either way.
+func (r *idleRead) run() {
+	for {
+		bp, m, err := r.readOnce()
+		switch {
+		case err == unix.EAGAIN:
+			r.arm()
+			return
+		case err != nil:
+			r.finish(err)
+			return
+		case m == 0:
+			r.finish(nil) // EOF
+			return
+		}
+		w, werr := r.dst.Write((*bp)[:m])
+		bufPool.Put(bp)
+		*r.n += int64(w)
+		if werr == nil && w < m {
+			werr = io.ErrShortWrite
+		}
+		if werr != nil {
+			r.finish(werr)
+			return
+		}
+	}
+}
+
+// readOnce makes one non-blocking read. The buffer is taken only once the
+// read has something (it is returned to the pool otherwise).
+func (r *idleRead) readOnce() (*[]byte, int, error) {
+	var bp *[]byte
+	var m int
+	var rerr error
+	err := r.rc.Read(func(fd uintptr) bool {
+		bp, m, rerr = readPooled(fd)
+		return true // never wait in the runtime's poller
+	})
+	if err == nil && rerr != nil {
+		err = rerr
+		if rerr != unix.EAGAIN {
+			err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+		}
+	}
+	if err != nil || m <= 0 {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+		return nil, 0, err
+	}
+	return bp, m, nil
+}
+
+// arm puts the socket in the poller's set, one-shot and level-triggered:
+// a socket that turned readable since the last read is reported at once.
+// An aborted relay or a closed poller ends the direction instead.
+func (r *idleRead) arm() {
+	p := r.p
+	p.mu.Lock()
+	if p.closed || r.aborted {
+		p.mu.Unlock()
+		r.finish(net.ErrClosed)
+		return
+	}
+	op := unix.EPOLL_CTL_MOD
+	if !r.added {
+		op = unix.EPOLL_CTL_ADD
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(uint32(r.id)), Pad: int32(uint32(r.id >> 32))}
+	var cerr error
+	err := r.rc.Control(func(fd uintptr) {
+		cerr = unix.EpollCtl(p.epfd, op, int(fd), &ev)
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		p.mu.Unlock()
+		r.finish(fmt.Errorf("relay: watch socket: %w", err))
+		return
+	}
+	r.added = true
+	p.watching[r.id] = r
+	p.mu.Unlock()
+}
+
+// abort ends the direction if it waits in the set; if it is copying, the
+// caller's close ends it.
+func (r *idleRead) abort() {
+	p := r.p
+	p.mu.Lock()
+	r.aborted = true
+	_, waiting := p.watching[r.id]
+	if waiting {
+		delete(p.watching, r.id)
+		_ = r.rc.Control(func(fd uintptr) {
+			_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+		})
+	}
+	p.mu.Unlock()
+	if waiting {
+		r.finish(net.ErrClosed)
+	}
+}
+
+// finish half-closes the destination and reports the direction's end, once:
+// whoever took the direction out of the set (or never put it there) calls it.
+func (r *idleRead) finish(err error) {
+	if errors.Is(err, io.EOF) {
+		err = nil
+	}
+	*r.err = closeWrite(r.dst, err)
+	r.done()
+}

@@ -1,0 +1,218 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/testutil"
+)
+
+func newPoller(t *testing.T) *Poller {
+	t.Helper()
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// waitFor polls cond for up to 5 s (the poller's work is asynchronous).
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("not done in 5 s: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// The point of the poller: idle relays hold no goroutine, every direction
+// waits in the set, and each wakes for its own data and goes back.
+func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
+	p := newPoller(t)
+	const n = 200
+	type pair struct{ client, server *net.TCPConn }
+	pairs := make([]pair, n)
+	done := make(chan Result, n)
+	runtime.GC()
+	before := runtime.NumGoroutine()
+	for i := range pairs {
+		client, a := testutil.TCPPair(t)
+		b, server := testutil.TCPPair(t)
+		pairs[i] = pair{client, server}
+		p.Go(a, b, func(r Result) { done <- r })
+	}
+	waitFor(t, "every direction waiting in the set", func() bool { return p.Waiting() == 2*n })
+	if g := runtime.NumGoroutine() - before; g > 10 {
+		t.Errorf("%d idle relays hold %d goroutines", n, g)
+	}
+	// Each relay carries its own bytes, both ways, and goes back to waiting.
+	for i, pr := range pairs {
+		msg := fmt.Sprintf("ping %d", i)
+		if _, err := pr.client.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, len(msg))
+		pr.server.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(pr.server, buf); err != nil || string(buf) != msg {
+			t.Fatalf("relay %d: server read %q, %v", i, buf, err)
+		}
+		pr.server.Write(buf)
+		pr.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(pr.client, buf); err != nil || string(buf) != msg {
+			t.Fatalf("relay %d: client read %q, %v", i, buf, err)
+		}
+	}
+	waitFor(t, "every direction back in the set", func() bool { return p.Waiting() == 2*n })
+	for _, pr := range pairs {
+		pr.client.CloseWrite()
+		pr.server.CloseWrite()
+	}
+	for i := range n {
+		select {
+		case r := <-done:
+			if r.Err() != nil || r.AToB != r.BToA || r.AToB < 6 {
+				t.Fatalf("result %+v", r)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d relays never ended after both half-closes", n-i, n)
+		}
+	}
+	if w := p.Waiting(); w != 0 {
+		t.Errorf("%d directions still in the set after every relay ended", w)
+	}
+}
+
+// A relay whose sockets are closed under it (a policy change) ends when
+// the closer calls abort first: its result says closed, and done runs once.
+func TestPollerAbort(t *testing.T) {
+	p := newPoller(t)
+	_, a := testutil.TCPPair(t)
+	b, _ := testutil.TCPPair(t)
+	done := make(chan Result, 2)
+	abort := p.Go(a, b, func(r Result) { done <- r })
+	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	abort()
+	a.Close()
+	b.Close()
+	select {
+	case r := <-done:
+		if !errors.Is(r.ErrAToB, net.ErrClosed) || !errors.Is(r.ErrBToA, net.ErrClosed) {
+			t.Fatalf("aborted relay's result: %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("aborted relay never ended")
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("done called twice (second: %+v)", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if w := p.Waiting(); w != 0 {
+		t.Errorf("%d left in the set", w)
+	}
+}
+
+// Closing the poller ends the relays that wait in it; a relay started on a
+// closed poller ends at once.
+func TestPollerCloseEndsWaitingRelays(t *testing.T) {
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, a := testutil.TCPPair(t)
+	b, _ := testutil.TCPPair(t)
+	done := make(chan Result, 1)
+	p.Go(a, b, func(r Result) { done <- r })
+	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if !errors.Is(r.Err(), net.ErrClosed) {
+			t.Fatalf("result %+v", r)
+		}
+	default:
+		t.Fatal("Close returned before the waiting relay's done ran")
+	}
+	c, d := testutil.TCPPair(t)
+	p.Go(c, d, func(r Result) { done <- r })
+	select {
+	case r := <-done:
+		if !errors.Is(r.Err(), net.ErrClosed) {
+			t.Fatalf("relay on a closed poller: %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("relay on a closed poller never ended")
+	}
+}
+
+// Data, half-closes, aborts and closes at random moments, many relays at
+// once (run with -race): every relay ends exactly once, and the set is
+// empty afterwards. A stale or lost entry would show as a hang here.
+func TestPollerChurn(t *testing.T) {
+	p := newPoller(t)
+	const n = 100
+	var ended sync.Map
+	var wg sync.WaitGroup
+	for i := range n {
+		client, a := testutil.TCPPair(t)
+		b, server := testutil.TCPPair(t)
+		wg.Add(1)
+		abort := p.Go(a, b, func(r Result) {
+			if _, dup := ended.LoadOrStore(i, true); dup {
+				t.Errorf("relay %d ended twice", i)
+			}
+			a.Close()
+			b.Close()
+			wg.Done()
+		})
+		go func() {
+			rnd := rand.New(rand.NewPCG(uint64(i), 1))
+			for range rnd.IntN(5) {
+				client.Write(make([]byte, 1+rnd.IntN(100000)))
+				time.Sleep(time.Duration(rnd.IntN(3)) * time.Millisecond)
+			}
+			go io.Copy(io.Discard, server)
+			go io.Copy(io.Discard, client)
+			switch rnd.IntN(3) {
+			case 0: // the policy way: abort, then close
+				abort()
+				a.Close()
+				b.Close()
+			case 1: // both ends half-close
+				client.CloseWrite()
+				server.CloseWrite()
+			default: // the apps go away
+				client.Close()
+				server.Close()
+			}
+		}()
+	}
+	ch := make(chan struct{})
+	go func() { wg.Wait(); close(ch) }()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		left := 0
+		for i := range n {
+			if _, ok := ended.Load(i); !ok {
+				left++
+			}
+		}
+		t.Fatalf("%d of %d relays never ended", left, n)
+	}
+	if w := p.Waiting(); w != 0 {
+		t.Errorf("%d left in the set", w)
+	}
+}
