@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,15 +17,16 @@ import (
 // goroutine at all: the socket sits in one epoll set of the Poller's,
 // which one goroutine watches through the runtime's own poller (an epoll
 // descriptor is itself pollable). When a socket turns readable, a
-// goroutine starts, copies until the socket has nothing more (EAGAIN),
-// puts the socket back in the set and ends.
+// goroutine starts, copies until the socket has been quiet for a while
+// (linger), puts the socket back in the set and ends.
 //
 // A goroutine parked on a socket costs its stack (2–8 KB); a socket in the
 // set costs a few words. For a node proxy holding 10,000 idle connections
 // that is most of its memory.
 //
-// The price is two syscalls per burst of data (the re-arm, and the
-// epoll_wait that sees it) and a goroutine start; see docs/benchmarks.md.
+// The price is two syscalls (the re-arm, and the epoll_wait that sees it)
+// and a goroutine start each time a connection wakes from a quiet spell;
+// see docs/benchmarks.md.
 //
 // Every socket in the set is there under an id, never by its descriptor
 // number alone, and every change to the set goes through the socket's
@@ -155,6 +157,7 @@ type idleRead struct {
 	p       *Poller
 	id      uint64
 	dst     Conn
+	src     *net.TCPConn
 	rc      syscall.RawConn
 	added   bool // in the epoll set (armed or not)
 	aborted bool // guarded by p.mu
@@ -178,16 +181,31 @@ func (p *Poller) newIdleRead(dst, src Conn, n *int64, err *error, done func()) *
 	p.next++
 	id := p.next
 	p.mu.Unlock()
-	return &idleRead{p: p, id: id, dst: dst, rc: rc, n: n, err: err, done: done}
+	return &idleRead{p: p, id: id, dst: dst, src: sc, rc: rc, n: n, err: err, done: done}
 }
 
-// run copies until the socket has nothing, then waits in the set. It is
-// the only goroutine of the direction, and ends either way.
+// linger is how long a direction that has just copied waits for more in
+// the runtime's poller (holding its goroutine, not a buffer) before it
+// moves to the set: a busy connection pays the set's two syscalls once a
+// linger, not once a burst.
+const linger = time.Second
+
+// run copies until the socket has been quiet for linger, then waits in the
+// set. It is the only goroutine of the direction, and ends either way.
 func (r *idleRead) run() {
+	lingering := false
 	for {
-		bp, m, err := r.readOnce()
+		bp, m, err := r.read(lingering)
 		switch {
-		case err == unix.EAGAIN:
+		case err == unix.EAGAIN: // nothing now: linger, if the deadline takes
+			if r.src.SetReadDeadline(time.Now().Add(linger)) != nil {
+				r.arm()
+				return
+			}
+			lingering = true
+			continue
+		case lingering && errors.Is(err, os.ErrDeadlineExceeded):
+			_ = r.src.SetReadDeadline(time.Time{})
 			r.arm()
 			return
 		case err != nil:
@@ -210,15 +228,21 @@ func (r *idleRead) run() {
 	}
 }
 
-// readOnce makes one non-blocking read. The buffer is taken only once the
-// read has something (it is returned to the pool otherwise).
-func (r *idleRead) readOnce() (*[]byte, int, error) {
+// read makes one read; with wait, an empty socket is waited on in the
+// runtime's poller (until the read deadline), else it reports EAGAIN. The
+// buffer is taken only once the read has something.
+func (r *idleRead) read(wait bool) (*[]byte, int, error) {
 	var bp *[]byte
 	var m int
 	var rerr error
 	err := r.rc.Read(func(fd uintptr) bool {
 		bp, m, rerr = readPooled(fd)
-		return true // never wait in the runtime's poller
+		if rerr == unix.EAGAIN && wait {
+			bufPool.Put(bp)
+			bp = nil
+			return false
+		}
+		return true
 	})
 	if err == nil && rerr != nil {
 		err = rerr
