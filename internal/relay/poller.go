@@ -188,7 +188,7 @@ func (p *Poller) newIdleRead(dst, src Conn, n *int64, err *error, done func()) *
 // the runtime's poller (holding its goroutine, not a buffer) before it
 // moves to the set: a busy connection pays the set's two syscalls once a
 // linger, not once a burst.
-const linger = time.Second
+const linger = 100 * time.Millisecond
 
 // run copies until the socket has been quiet for linger, then waits in the
 // set. It is the only goroutine of the direction, and ends either way.
