@@ -118,7 +118,9 @@ func (d *Dialer) Dial(ctx context.Context, req Request) (*Stream, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.info.Reused = reused
+		c.mu.Lock()
+		s.reused = reused
+		c.mu.Unlock()
 		return s, nil
 	}
 }
@@ -319,18 +321,12 @@ func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error
 	s := c.newStreamLocked(id)
 	c.queue(outFrame{kind: kindHeaders, streamID: id, data: c.encodeHeadersLocked(fields)})
 	c.mu.Unlock()
-	s.info = Info{
-		StreamID: id, LocalAddr: c.nc.LocalAddr(), RemoteAddr: c.nc.RemoteAddr(),
-		TLSVersion: c.tls.Version, CipherSuite: c.tls.CipherSuite, ALPN: c.tls.NegotiatedProtocol,
-		Peer: peerID(c.tls),
-	}
 
 	status, hdr, err := s.waitResponse(ctx)
 	if err != nil {
 		s.Close()
 		return nil, fmt.Errorf("hbone CONNECT %s via %s: %w", req.Authority, req.Address, err)
 	}
-	s.info.Status = status
 	if status != http.StatusOK {
 		s.Close()
 		return nil, &StatusError{Status: status, Reason: hdr.Get(reasonHeader)}

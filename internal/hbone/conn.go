@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/identity"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -35,6 +36,7 @@ import (
 type conn struct {
 	nc     net.Conn
 	tls    tls.ConnectionState
+	peer   identity.ID // from tls: the verified identity at the other end
 	client bool
 	cfg    Config
 	log    *slog.Logger
@@ -135,6 +137,7 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 	}
 	if tc, ok := nc.(*tls.Conn); ok {
 		c.tls = tc.ConnectionState()
+		c.peer = peerID(c.tls)
 		c.cork, _ = tc.NetConn().(*corkConn)
 	}
 	c.wcond.L = &c.mu

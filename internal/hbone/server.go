@@ -229,11 +229,6 @@ func (s *Server) serveConn(nc net.Conn) {
 // handleStream validates one CONNECT and hands it to the handler.
 func (s *Server) handleStream(st *Stream) {
 	c := st.c
-	st.info = Info{
-		StreamID: st.id, LocalAddr: c.nc.LocalAddr(), RemoteAddr: c.nc.RemoteAddr(),
-		TLSVersion: c.tls.Version, CipherSuite: c.tls.CipherSuite, ALPN: c.tls.NegotiatedProtocol,
-		Peer: peerID(c.tls),
-	}
 	var req *ServerRequest
 	defer func() {
 		if req == nil || !req.detached {
@@ -242,19 +237,19 @@ func (s *Server) handleStream(st *Stream) {
 	}()
 	if st.method != http.MethodConnect || st.extended {
 		_ = st.respond(http.StatusBadRequest, nil, fmt.Sprintf("method %q: HBONE takes only a plain CONNECT", st.method))
-		s.log.Warn("hbone: refused request", "peer", st.info.Peer, "method", st.method, "status", http.StatusBadRequest)
+		s.log.Warn("hbone: refused request", "peer", c.peer, "method", st.method, "status", http.StatusBadRequest)
 		return
 	}
 	auth, err := ParseAuthority(st.authority)
 	if err != nil {
 		_ = st.respond(http.StatusBadRequest, nil, err.Error())
-		s.log.Warn("hbone: refused request", "peer", st.info.Peer, "err", err, "status", http.StatusBadRequest)
+		s.log.Warn("hbone: refused request", "peer", c.peer, "err", err, "status", http.StatusBadRequest)
 		return
 	}
 	local, _ := netip.ParseAddrPort(c.nc.LocalAddr().String())
 	remote, _ := netip.ParseAddrPort(c.nc.RemoteAddr().String())
 	req = &ServerRequest{
-		Peer:             st.info.Peer,
+		Peer:             c.peer,
 		PeerCertificates: c.tls.PeerCertificates,
 		Authority:        auth,
 		Header:           st.header,
@@ -293,7 +288,7 @@ func (st *Stream) respond(status int, header http.Header, reason string) error {
 		return errors.New("hbone: stream already answered")
 	}
 	st.responded = true
-	st.info.Status = status
+	st.status = status
 	if st.reset || st.closed {
 		if st.rerr != nil {
 			return st.rerr

@@ -56,10 +56,9 @@ type Stream struct {
 	extended  bool
 	header    http.Header
 	gotResp   bool
-	status    int
+	status    int // the CONNECT answer: received (client), given (server)
 	responded bool
-
-	info Info
+	reused    bool // client: the stream rode a pooled connection
 }
 
 // Info describes the tunnel a stream runs in, for logs and the demo.
@@ -79,11 +78,19 @@ type Info struct {
 func (i Info) TLSVersionName() string  { return tls.VersionName(i.TLSVersion) }
 func (i Info) CipherSuiteName() string { return tls.CipherSuiteName(i.CipherSuite) }
 
-// Info returns what is known about the stream's tunnel.
+// Info returns what is known about the stream's tunnel. It is built on
+// demand from the connection's facts, not kept in every stream: a node
+// proxy holds thousands of streams over a few connections.
 func (s *Stream) Info() Info {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return s.info
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return Info{
+		StreamID: s.id, Reused: s.reused, Status: s.status,
+		LocalAddr: c.nc.LocalAddr(), RemoteAddr: c.nc.RemoteAddr(),
+		TLSVersion: c.tls.Version, CipherSuite: c.tls.CipherSuite, ALPN: c.tls.NegotiatedProtocol,
+		Peer: c.peer,
+	}
 }
 
 // ID is the HTTP/2 stream id.
