@@ -790,7 +790,6 @@ func (c *conn) newStreamLocked(id uint32) *Stream {
 		id:         id,
 		sendWindow: int64(c.peerWindow),
 		recvWindow: int64(c.cfg.StreamWindow),
-		done:       make(chan error, 1),
 	}
 	s.cond.L = &c.mu
 	c.streams[id] = s

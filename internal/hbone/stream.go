@@ -26,7 +26,7 @@ type Stream struct {
 	id uint32
 
 	wmu  sync.Mutex // serializes Write and CloseWrite
-	done chan error // completion of this stream's queued DATA frame
+	done chan error // completion of this stream's queued DATA frame; made at the first queued write
 
 	// Guarded by c.mu.
 	cond        sync.Cond
@@ -363,6 +363,9 @@ func (s *Stream) Write(p []byte) (int, error) {
 				return total, err
 			}
 		} else {
+			if s.done == nil { // most streams never queue: they find the connection idle
+				s.done = make(chan error, 1)
+			}
 			c.queue(outFrame{kind: kindData, streamID: s.id, data: p[:n], done: s.done})
 			c.mu.Unlock()
 			if err := <-s.done; err != nil {

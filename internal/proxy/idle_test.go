@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"runtime/pprof"
 	"strings"
@@ -105,4 +106,77 @@ func echoOnce(c *net.TCPConn, msg []byte) error {
 		return fmt.Errorf("echo %q, sent %q", back, msg)
 	}
 	return nil
+}
+
+// BenchmarkIdleConnectionHeap reports the live heap each idle connection
+// costs, both proxies together (and the test's own sockets at both ends,
+// ~1 KB: a floor, not the proxies'): each iteration opens 500 connections
+// through the mesh, proves each with a round trip, lets them idle past the
+// relay's linger and reads the heap after a collection.
+// AMBIT_HEAP_PROFILE=file writes the heap profile of the last iteration
+// with every allocation sampled, for attributing the bytes.
+func BenchmarkIdleConnectionHeap(b *testing.B) {
+	m := newMesh(b, "", "")
+	stop := make(chan struct{})
+	b.Cleanup(func() { close(stop) })
+	go func() { // the echo app reports each peer; more than its buffer of 100 here
+		for {
+			select {
+			case <-m.appPeers:
+			case <-stop:
+				return
+			}
+		}
+	}()
+	const n = 500
+	var perConn float64
+	for b.Loop() {
+		if path := os.Getenv("AMBIT_HEAP_PROFILE"); path != "" {
+			runtime.MemProfileRate = 1
+			defer func() { runtime.MemProfileRate = 512 * 1024 }()
+		}
+		before := liveHeap()
+		conns := make([]*net.TCPConn, n)
+		for i := range conns {
+			c, code, err := m.socks(m.serverIP.String(), 8080)
+			if err != nil || code != socks5.Succeeded {
+				b.Fatalf("connection %d: code %d, %v", i, code, err)
+			}
+			if err := echoOnce(c, []byte("ping")); err != nil {
+				b.Fatal(err)
+			}
+			conns[i] = c
+		}
+		settle(b, m, n) // every socket direction waits in its proxy's poller
+		perConn = (float64(liveHeap()) - float64(before)) / n
+		if path := os.Getenv("AMBIT_HEAP_PROFILE"); path != "" {
+			f, err := os.Create(path)
+			if err != nil {
+				b.Fatal(err)
+			}
+			pprof.Lookup("heap").WriteTo(f, 0)
+			f.Close()
+		}
+		for _, c := range conns {
+			c.Close()
+		}
+		settle(b, m, 0)
+	}
+	b.ReportMetric(perConn, "heap-B/conn")
+}
+
+// settle waits until each proxy's poller holds exactly want directions.
+func settle(b *testing.B, m *mesh, want int) {
+	b.Helper()
+	waitFor(b, fmt.Sprintf("%d directions waiting in each proxy", want), func() bool {
+		return m.client.p.poller.Waiting() == want && m.server.p.poller.Waiting() == want
+	})
+}
+
+// liveHeap collects garbage and returns the heap still in use.
+func liveHeap() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
 }

@@ -127,21 +127,19 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	}
 	var lateMu sync.Mutex
 	var late string
-	var abort func()
+	var rl *relay.Relay
 	lc := &liveConn{dstUID: dst.UID, authz: ac, close: func(reason string) {
 		lateMu.Lock()
 		late = reason
-		a := abort
+		r := rl
 		lateMu.Unlock()
-		if a != nil {
-			a()
-		}
+		r.Abort() // nil-safe: a close before the relay started
 		down.Close()
 		up.Close()
 	}}
 	p.track(lc)
 	p.opts.Metrics.Opened(tc)
-	a := p.relayAsync(down, up, func(res relay.Result) {
+	started := p.relayAsync(down, up, func(res relay.Result) {
 		p.untrack(lc)
 		up.Close()
 		down.Close()
@@ -156,7 +154,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
 	})
 	lateMu.Lock()
-	abort = a
+	rl = started
 	lateMu.Unlock()
 	return true
 }

@@ -45,7 +45,7 @@ func (l *logBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock()
 func (l *logBuf) String() string              { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
 
 // waitFor polls cond for up to 5 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		if cond() {
@@ -63,7 +63,7 @@ type node struct {
 }
 
 type mesh struct {
-	t        *testing.T
+	t        testing.TB
 	n        int32
 	cfg      string
 	client   *node
@@ -121,7 +121,7 @@ func (m *mesh) write(doc string) {
 }
 
 // newMesh starts the echo app, a plain server and the two proxies.
-func newMesh(t *testing.T, serverExtra, extra string) *mesh {
+func newMesh(t testing.TB, serverExtra, extra string) *mesh {
 	t.Helper()
 	m := &mesh{t: t, n: subnet.Add(1)}
 	m.clientIP, m.serverIP, m.plainIP = m.ip(10), m.ip(20), m.ip(30)
@@ -184,7 +184,7 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 }
 
 // echoOn serves TCP echo with half-close on addr until the test ends.
-func echoOn(t *testing.T, addr netip.AddrPort) { testutil.Echo(t, addr.String(), nil) }
+func echoOn(t testing.TB, addr netip.AddrPort) { testutil.Echo(t, addr.String(), nil) }
 
 // socks connects through the client's SOCKS5 port to host:port (host an IP
 // or a name) and returns the connection and the reply code.

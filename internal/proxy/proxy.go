@@ -367,8 +367,8 @@ func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 // connection up returns: its stack, grown by the dial and the handshake,
 // does not live as long as the connection, and a direction with nothing to
 // copy holds no goroutine at all (relay.Poller). Whoever closes down or up
-// before finish runs calls abort first.
-func (p *Proxy) relayAsync(down, up relay.Conn, finish func(relay.Result)) (abort func()) {
+// before finish runs calls its Abort first.
+func (p *Proxy) relayAsync(down, up relay.Conn, finish func(relay.Result)) *relay.Relay {
 	p.wg.Add(1)
 	return p.poller.Go(down, up, func(r relay.Result) {
 		defer p.wg.Done()

@@ -33,7 +33,7 @@ import (
 // RawConn.Control: a closed descriptor number reused by a new socket is
 // never touched. A relay whose socket is closed while it waits would never
 // hear of it (closing a descriptor drops it from the set silently), so
-// the closer calls the abort that Go returns first.
+// the closer calls the Abort of the Relay that Go returns first.
 type Poller struct {
 	ep   *os.File
 	epfd int // ep's descriptor (ep.Fd would make it blocking); used under mu while !closed
@@ -135,53 +135,59 @@ func (p *Poller) loop() {
 
 // Go is the package's Go with every direction that reads a *net.TCPConn
 // waiting in the poller rather than in a goroutine. Before closing a or b
-// while the relay may still run, call abort: it ends the directions that
-// wait in the poller (with net.ErrClosed), and the close ends the others.
-// A nil Poller is the package's Go; its abort does nothing.
-func (p *Poller) Go(a, b Conn, done func(Result)) (abort func()) {
-	if p == nil {
-		Go(a, b, done)
-		return func() {}
+// while the relay may still run, call the returned Relay's Abort: it ends
+// the directions that wait in the poller (with net.ErrClosed), and the
+// close ends the others. A nil Poller is the package's Go.
+func (p *Poller) Go(a, b Conn, done func(Result)) *Relay {
+	return start(p, a, b, done)
+}
+
+// Abort ends the relay's directions that wait in the poller; see Go. It
+// does nothing on a nil Relay.
+func (rl *Relay) Abort() {
+	if rl == nil {
+		return
 	}
-	idle := start(p, a, b, done)
-	return func() {
-		for _, ir := range idle {
-			ir.abort()
-		}
+	if rl.read.p != nil {
+		rl.read.abort()
+	}
+	if rl.read2 != nil {
+		rl.read2.abort()
 	}
 }
 
 // idleRead is one direction from a socket: a goroutine while there is
 // data, an entry in the poller's set while there is none.
 type idleRead struct {
-	p       *Poller
+	p       *Poller // nil: not in use
+	rl      *Relay
 	id      uint64
 	dst     Conn
 	src     *net.TCPConn
 	rc      syscall.RawConn
+	dir     int  // which of rl's results is this direction's (Result.of)
 	added   bool // in the epoll set (armed or not)
 	aborted bool // guarded by p.mu
-	n       *int64
-	err     *error
-	done    func()
 }
 
-// newIdleRead returns nil where the poller cannot serve: no poller, or a
-// source that is not a socket.
-func (p *Poller) newIdleRead(dst, src Conn, n *int64, err *error, done func()) *idleRead {
+// initIdleRead sets r up for the direction src → dst, or reports false
+// where the poller cannot serve: no poller, or a source that is not a
+// socket.
+func (p *Poller) initIdleRead(r *idleRead, rl *Relay, dir int, dst, src Conn) bool {
 	sc, ok := src.(*net.TCPConn)
 	if p == nil || !ok {
-		return nil
+		return false
 	}
 	rc, rerr := sc.SyscallConn()
 	if rerr != nil {
-		return nil
+		return false
 	}
 	p.mu.Lock()
 	p.next++
 	id := p.next
 	p.mu.Unlock()
-	return &idleRead{p: p, id: id, dst: dst, src: sc, rc: rc, n: n, err: err, done: done}
+	*r = idleRead{p: p, rl: rl, id: id, dst: dst, src: sc, rc: rc, dir: dir}
+	return true
 }
 
 // linger is how long a direction that has just copied waits for more in
@@ -217,7 +223,8 @@ func (r *idleRead) run() {
 		}
 		w, werr := r.dst.Write((*bp)[:m])
 		bufPool.Put(bp)
-		*r.n += int64(w)
+		n, _ := r.rl.r.of(r.dir)
+		*n += int64(w)
 		if werr == nil && w < m {
 			werr = io.ErrShortWrite
 		}
@@ -317,6 +324,7 @@ func (r *idleRead) finish(err error) {
 	if errors.Is(err, io.EOF) {
 		err = nil
 	}
-	*r.err = closeWrite(r.dst, err)
-	r.done()
+	_, e := r.rl.r.of(r.dir)
+	*e = closeWrite(r.dst, err)
+	r.rl.finish()
 }

@@ -99,9 +99,9 @@ func TestPollerAbort(t *testing.T) {
 	_, a := testutil.TCPPair(t)
 	b, _ := testutil.TCPPair(t)
 	done := make(chan Result, 2)
-	abort := p.Go(a, b, func(r Result) { done <- r })
+	rl := p.Go(a, b, func(r Result) { done <- r })
 	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
-	abort()
+	rl.Abort()
 	a.Close()
 	b.Close()
 	select {
@@ -169,7 +169,7 @@ func TestPollerChurn(t *testing.T) {
 		client, a := testutil.TCPPair(t)
 		b, server := testutil.TCPPair(t)
 		wg.Add(1)
-		abort := p.Go(a, b, func(r Result) {
+		rl := p.Go(a, b, func(r Result) {
 			if _, dup := ended.LoadOrStore(i, true); dup {
 				t.Errorf("relay %d ended twice", i)
 			}
@@ -187,7 +187,7 @@ func TestPollerChurn(t *testing.T) {
 			go io.Copy(io.Discard, client)
 			switch rnd.IntN(3) {
 			case 0: // the policy way: abort, then close
-				abort()
+				rl.Abort()
 				a.Close()
 				b.Close()
 			case 1: // both ends half-close

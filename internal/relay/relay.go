@@ -58,31 +58,53 @@ func Bidirectional(a, b Conn) Result {
 // proxy's memory.
 func Go(a, b Conn, done func(Result)) { start(nil, a, b, done) }
 
-// start begins both directions: a socket source waits in p's set when p
-// is not nil (the directions that do are returned), any other in a
-// goroutine or its source's own callback.
-func start(p *Poller, a, b Conn, done func(Result)) (idle []*idleRead) {
-	var r Result
-	var left atomic.Int32
-	left.Store(2)
-	finish := func() {
-		if left.Add(-1) == 0 {
-			done(r)
-		}
+// Relay is one relay's state, in one allocation (a node proxy holds
+// thousands): the result, how many directions still run, and the state of
+// the directions that wait in a Poller.
+type Relay struct {
+	r     Result
+	left  atomic.Int32
+	done  func(Result)
+	read  idleRead  // the first direction from a socket (a proxy has one: its other side is a stream)
+	read2 *idleRead // the second, socket to socket only
+}
+
+// of returns where a direction's count and error go: 0 is a → b.
+func (r *Result) of(dir int) (*int64, *error) {
+	if dir == 0 {
+		return &r.AToB, &r.ErrAToB
 	}
-	for _, d := range []struct {
-		dst, src Conn
-		n        *int64
-		err      *error
-	}{{b, a, &r.AToB, &r.ErrAToB}, {a, b, &r.BToA, &r.ErrBToA}} {
-		if ir := p.newIdleRead(d.dst, d.src, d.n, d.err, finish); ir != nil {
-			idle = append(idle, ir)
+	return &r.BToA, &r.ErrBToA
+}
+
+// finish ends one direction; the last one reports.
+func (rl *Relay) finish() {
+	if rl.left.Add(-1) == 0 {
+		rl.done(rl.r)
+	}
+}
+
+// start begins both directions: a socket source waits in p's set when p
+// is not nil, any other in a goroutine or its source's own callback.
+func start(p *Poller, a, b Conn, done func(Result)) *Relay {
+	rl := &Relay{done: done}
+	rl.left.Store(2)
+	for dir, d := range [2]struct{ dst, src Conn }{{b, a}, {a, b}} {
+		ir := &rl.read
+		if ir.p != nil { // taken by the first direction
+			ir = new(idleRead)
+		}
+		if p.initIdleRead(ir, rl, dir, d.dst, d.src) {
+			if ir != &rl.read {
+				rl.read2 = ir
+			}
 			ir.arm() // no goroutine until there is data (now, or later)
 			continue
 		}
-		oneWayGo(d.dst, d.src, d.n, d.err, finish)
+		n, err := rl.r.of(dir)
+		oneWayGo(rl, d.dst, d.src, n, err)
 	}
-	return idle
+	return rl
 }
 
 // asyncSource can copy to a socket with no goroutine while idle
@@ -92,19 +114,19 @@ type asyncSource interface {
 }
 
 // oneWayGo copies src to dst and half-closes dst, then stores the count
-// and error and calls finish: from a goroutine of its own, or, for an
-// asyncSource, from the source's goroutine that runs only when there is
-// something to write.
-func oneWayGo(dst, src Conn, n *int64, err *error, finish func()) {
+// and error and finishes the direction: from a goroutine of its own, or,
+// for an asyncSource, from the source's goroutine that runs only when
+// there is something to write.
+func oneWayGo(rl *Relay, dst, src Conn, n *int64, err *error) {
 	if as, ok := src.(asyncSource); ok && as.WriteToAsync(dst, func(m int64, e error) {
 		*n, *err = m, closeWrite(dst, e)
-		finish()
+		rl.finish()
 	}) {
 		return
 	}
 	go func() {
 		*n, *err = oneWay(dst, src)
-		finish()
+		rl.finish()
 	}()
 }
 
