@@ -48,11 +48,14 @@ type conn struct {
 	onIdle  func(*conn)
 	onClose func(*conn)
 
-	fr      *http2.Framer // read side; only readLoop uses it
-	bw      *bufio.Writer // the token holder's, borrowed from bwPool for the hold
-	dataHdr [9]byte       // the token holder's scratch for DATA frame headers
-	wf      *http2.Framer // write side framer over bw
-	cork    *corkConn     // under the TLS conn, when there is one
+	fr       *http2.Framer  // read side; only readLoop uses it (and replaces it: newReadFramer)
+	br       *bufio.Reader  // under fr
+	hdec     *hpack.Decoder // fr's header decoder, kept across framers
+	bigFrame bool           // readLoop's: the last frame read was over keepFrameBuf
+	bw       *bufio.Writer  // the token holder's, borrowed from bwPool for the hold
+	dataHdr  [9]byte        // the token holder's scratch for DATA frame headers
+	wf       *http2.Framer  // write side framer over bw
+	cork     *corkConn      // under the TLS conn, when there is one
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
@@ -146,11 +149,9 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 	// through a small buffer: frame headers come from it, payloads larger
 	// than it are read straight into the framer's.
 	c.wf = http2.NewFramer(tokenWriter{c}, nil)
-	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 8<<10))
-	c.fr.SetMaxReadFrameSize(cfg.MaxFrameSize)
-	c.fr.SetReuseFrames()
-	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.fr.MaxHeaderListSize = 64 << 10
+	c.br = bufio.NewReaderSize(nc, 8<<10)
+	c.hdec = hpack.NewDecoder(4096, nil)
+	c.fr = c.newReadFramer()
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.lastRead.Store(time.Now().UnixNano())
 	// Our SETTINGS must be the first frame we send.
@@ -470,9 +471,34 @@ func (c *conn) readLoop() {
 	c.closeWithError(err)
 }
 
+// newReadFramer returns a framer over the connection's reader and header
+// decoder. The framer keeps a buffer the size of the largest frame it has
+// read, for the connection's life; readFrames starts a fresh one after a
+// frame larger than keepFrameBuf, so that a peer that sends large frames
+// once (ztunnel allows 1 MiB) does not leave each idle connection holding
+// that much.
+func (c *conn) newReadFramer() *http2.Framer {
+	fr := http2.NewFramer(nil, c.br)
+	fr.SetMaxReadFrameSize(c.cfg.MaxFrameSize)
+	fr.SetReuseFrames()
+	fr.ReadMetaHeaders = c.hdec
+	fr.MaxHeaderListSize = 64 << 10
+	return fr
+}
+
+// keepFrameBuf is the largest frame buffer a connection keeps between
+// frames (Ambit's own peers send at most 32 KiB).
+const keepFrameBuf = 64 << 10
+
 func (c *conn) readFrames() error {
 	for {
+		if c.bigFrame { // the last frame grew the framer's buffer: drop it
+			c.fr, c.bigFrame = c.newReadFramer(), false
+		}
 		f, err := c.fr.ReadFrame()
+		if err == nil && f.Header().Length > keepFrameBuf {
+			c.bigFrame = true
+		}
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
