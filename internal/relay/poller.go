@@ -17,16 +17,18 @@ import (
 // goroutine at all: the socket sits in one epoll set of the Poller's,
 // which one goroutine watches through the runtime's own poller (an epoll
 // descriptor is itself pollable). When a socket turns readable, a
-// goroutine starts, copies until the socket has been quiet for a while
-// (linger), puts the socket back in the set and ends.
+// goroutine starts and copies; once it finds the socket empty it waits for
+// more in the runtime's poller for up to linger, then puts the socket back
+// in the set and ends.
 //
 // A goroutine parked on a socket costs its stack (2–8 KB); a socket in the
 // set costs a few words. For a node proxy holding 10,000 idle connections
 // that is most of its memory.
 //
 // The price is two syscalls (the re-arm, and the epoll_wait that sees it)
-// and a goroutine start each time a connection wakes from a quiet spell;
-// see docs/benchmarks.md.
+// and a goroutine start each time a direction goes back to the set: after
+// each quiet spell, and at most once per linger on a busy connection; see
+// docs/idle-connections.md.
 //
 // Every socket in the set is there under an id, never by its descriptor
 // number alone, and every change to the set goes through the socket's
@@ -190,14 +192,16 @@ func (p *Poller) initIdleRead(r *idleRead, rl *Relay, dir int, dst, src Conn) bo
 	return true
 }
 
-// linger is how long a direction that has just copied waits for more in
-// the runtime's poller (holding its goroutine, not a buffer) before it
-// moves to the set: a busy connection pays the set's two syscalls once a
-// linger, not once a burst.
+// linger is how long a direction that has found its socket empty waits
+// for more in the runtime's poller (holding its goroutine, not a buffer)
+// before it moves to the set. It counts from that first empty read and is
+// not extended by later bytes (the deadline is set once, not per read): a
+// busy connection pays the set's two syscalls once a linger, not once a
+// burst.
 const linger = 100 * time.Millisecond
 
-// run copies until the socket has been quiet for linger, then waits in the
-// set. It is the only goroutine of the direction, and ends either way.
+// run copies; from the first time it finds the socket empty it waits in
+// the runtime's poller for up to linger, then in the set. It is the only goroutine of the direction, and ends either way.
 func (r *idleRead) run() {
 	lingering := false
 	for {
