@@ -48,14 +48,13 @@ type conn struct {
 	onIdle  func(*conn)
 	onClose func(*conn)
 
-	fr       *http2.Framer  // read side; only readLoop uses it (and replaces it: newReadFramer)
-	br       *bufio.Reader  // under fr
-	hdec     *hpack.Decoder // fr's header decoder, kept across framers
-	bigFrame bool           // readLoop's: the last frame read was over keepFrameBuf
-	bw       *bufio.Writer  // the token holder's, borrowed from bwPool for the hold
-	dataHdr  [9]byte        // the token holder's scratch for DATA frame headers
-	wf       *http2.Framer  // write side framer over bw
-	cork     *corkConn      // under the TLS conn, when there is one
+	fr      *http2.Framer  // read side; only readLoop uses it (and replaces it: newReadFramer)
+	br      *bufio.Reader  // under fr
+	hdec    *hpack.Decoder // fr's header decoder, kept across framers
+	bw      *bufio.Writer  // the token holder's, borrowed from bwPool for the hold
+	dataHdr [9]byte        // the token holder's scratch for DATA frame headers
+	wf      *http2.Framer  // write side framer over bw
+	cork    *corkConn      // under the TLS conn, when there is one
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
@@ -491,14 +490,13 @@ func (c *conn) newReadFramer() *http2.Framer {
 const keepFrameBuf = 64 << 10
 
 func (c *conn) readFrames() error {
+	big := false // the last frame grew the framer's buffer past keepFrameBuf
 	for {
-		if c.bigFrame { // the last frame grew the framer's buffer: drop it
-			c.fr, c.bigFrame = c.newReadFramer(), false
+		if big {
+			c.fr, big = c.newReadFramer(), false
 		}
 		f, err := c.fr.ReadFrame()
-		if err == nil && f.Header().Length > keepFrameBuf {
-			c.bigFrame = true
-		}
+		big = err == nil && f.Header().Length > keepFrameBuf
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {

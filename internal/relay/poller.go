@@ -201,11 +201,12 @@ func (p *Poller) initIdleRead(r *idleRead, rl *Relay, dir int, dst, src Conn) bo
 const linger = 100 * time.Millisecond
 
 // run copies; from the first time it finds the socket empty it waits in
-// the runtime's poller for up to linger, then in the set. It is the only goroutine of the direction, and ends either way.
+// the runtime's poller for up to linger, then in the set. It is the only
+// goroutine of the direction, and ends either way.
 func (r *idleRead) run() {
 	lingering := false
 	for {
-		bp, m, err := r.read(lingering)
+		bp, m, err := readSocket(r.rc, lingering)
 		switch {
 		case err == unix.EAGAIN: // nothing now: linger, if the deadline takes
 			if r.src.SetReadDeadline(time.Now().Add(linger)) != nil {
@@ -225,49 +226,14 @@ func (r *idleRead) run() {
 			r.finish(nil) // EOF
 			return
 		}
-		w, werr := r.dst.Write((*bp)[:m])
-		bufPool.Put(bp)
+		w, werr := writePooled(r.dst, bp, m)
 		n, _ := r.rl.r.of(r.dir)
 		*n += int64(w)
-		if werr == nil && w < m {
-			werr = io.ErrShortWrite
-		}
 		if werr != nil {
 			r.finish(werr)
 			return
 		}
 	}
-}
-
-// read makes one read; with wait, an empty socket is waited on in the
-// runtime's poller (until the read deadline), else it reports EAGAIN. The
-// buffer is taken only once the read has something.
-func (r *idleRead) read(wait bool) (*[]byte, int, error) {
-	var bp *[]byte
-	var m int
-	var rerr error
-	err := r.rc.Read(func(fd uintptr) bool {
-		bp, m, rerr = readPooled(fd)
-		if rerr == unix.EAGAIN && wait {
-			bufPool.Put(bp)
-			bp = nil
-			return false
-		}
-		return true
-	})
-	if err == nil && rerr != nil {
-		err = rerr
-		if rerr != unix.EAGAIN {
-			err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
-		}
-	}
-	if err != nil || m <= 0 {
-		if bp != nil {
-			bufPool.Put(bp)
-		}
-		return nil, 0, err
-	}
-	return bp, m, nil
 }
 
 // arm puts the socket in the poller's set, one-shot and level-triggered:

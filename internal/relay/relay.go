@@ -173,44 +173,62 @@ func copyConn(dst io.Writer, src io.Reader) (int64, error) {
 // a plain read loop: one read per chunk, one EAGAIN before each wait.
 func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, error) {
 	var total int64
+	for {
+		bp, n, err := readSocket(rc, true)
+		if err != nil {
+			return total, err // closed, a deadline, or the read's error
+		}
+		if n == 0 {
+			return total, nil // EOF
+		}
+		w, err := writePooled(dst, bp, n)
+		total += int64(w)
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// readSocket makes one read from a socket into a pooled buffer, taken only
+// once the read has something. With wait, an empty socket is waited on in
+// the runtime's poller (until any read deadline); without, it reports
+// EAGAIN. EOF is (nil, 0, nil).
+func readSocket(rc syscall.RawConn, wait bool) (*[]byte, int, error) {
 	var bp *[]byte
 	var n int
 	var rerr error
-	read := func(fd uintptr) bool {
+	err := rc.Read(func(fd uintptr) bool {
 		bp, n, rerr = readPooled(fd)
-		if rerr == unix.EAGAIN {
+		if rerr == unix.EAGAIN && wait {
 			bufPool.Put(bp)
 			bp = nil
 			return false // wait in the poller, holding nothing
 		}
 		return true
-	}
-	for {
-		if err := rc.Read(read); err != nil {
-			if bp != nil {
-				bufPool.Put(bp)
-			}
-			return total, err // closed, or a deadline
-		}
-		if rerr != nil {
-			bufPool.Put(bp)
-			return total, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
-		}
-		if n <= 0 {
-			bufPool.Put(bp)
-			return total, nil // EOF
-		}
-		w, werr := dst.Write((*bp)[:n])
-		bufPool.Put(bp)
-		bp = nil
-		total += int64(w)
-		if werr == nil && w < n {
-			werr = io.ErrShortWrite
-		}
-		if werr != nil {
-			return total, werr
+	})
+	if err == nil && rerr != nil {
+		err = rerr
+		if rerr != unix.EAGAIN {
+			err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
 		}
 	}
+	if err != nil || n <= 0 {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+		return nil, 0, err
+	}
+	return bp, n, nil
+}
+
+// writePooled writes the n bytes read into bp to dst and gives bp back.
+func writePooled(dst io.Writer, bp *[]byte, n int) (int, error) {
+	w, err := dst.Write((*bp)[:n])
+	bufPool.Put(bp)
+	if err == nil && w < n {
+		err = io.ErrShortWrite
+	}
+	return w, err
 }
 
 // readPooled makes one read(2) into a buffer from the pool (EINTR is

@@ -154,6 +154,12 @@ func TestGo(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("done not called")
 	}
+	noSecondResult(t, done)
+}
+
+// noSecondResult fails if a relay's done function is called again.
+func noSecondResult(t *testing.T, done <-chan Result) {
+	t.Helper()
 	select {
 	case r := <-done:
 		t.Fatalf("done called twice (second: %+v)", r)
