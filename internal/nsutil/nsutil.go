@@ -5,11 +5,17 @@
 package nsutil
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
+	"os"
 	"runtime"
+	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Do runs f with the calling goroutine's thread inside ns. Sockets f
@@ -55,4 +61,123 @@ func NewNamed(name string) (netns.NsHandle, error) {
 		return netns.None(), fmt.Errorf("create netns %s: %w", name, err)
 	}
 	return h, nil
+}
+
+// DialTCP connects to raddr from a socket that lives in ns, bound to laddr
+// if it is valid, with setup applied to the socket before the bind (socket
+// options such as SO_MARK or IP_TRANSPARENT).
+//
+// Only the socket is made inside ns: a thread locked into a namespace
+// cannot run other goroutines, so dialling there (as Do would) holds an OS
+// thread per connect in flight: 10,000 connections opened in a burst left
+// a node proxy with 38 threads and a handoff between threads on every
+// connect. Here the bind and connect run on any thread, since a socket
+// keeps its namespace, and the wait for the connect is the runtime
+// poller's. ctx bounds the connect.
+func DialTCP(ctx context.Context, ns netns.NsHandle, laddr, raddr netip.AddrPort, setup func(fd int) error) (*net.TCPConn, error) {
+	opErr := func(op string, err error) error {
+		var src net.Addr
+		if laddr.IsValid() {
+			src = net.TCPAddrFromAddrPort(laddr)
+		}
+		if op != "" {
+			err = os.NewSyscallError(op, err)
+		}
+		return &net.OpError{Op: "dial", Net: "tcp", Source: src, Addr: net.TCPAddrFromAddrPort(raddr), Err: err}
+	}
+	family := unix.AF_INET
+	if !raddr.Addr().Unmap().Is4() {
+		family = unix.AF_INET6
+	}
+	fd := -1
+	if err := Do(ns, func() (err error) {
+		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		return err
+	}); err != nil {
+		return nil, opErr("socket", err)
+	}
+	// The file owns fd from here: closing it closes the socket.
+	f := os.NewFile(uintptr(fd), "tcp "+raddr.String())
+	defer f.Close() // net.FileConn below made its own copy
+	if setup != nil {
+		if err := setup(fd); err != nil {
+			return nil, opErr("", err)
+		}
+	}
+	if laddr.IsValid() {
+		if err := unix.Bind(fd, sockaddr(family, laddr)); err != nil {
+			return nil, opErr("bind", err)
+		}
+	}
+	switch err := unix.Connect(fd, sockaddr(family, raddr)); err {
+	case nil:
+	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+		if err := waitConnected(ctx, f); err != nil {
+			return nil, opErr("", err)
+		}
+	default:
+		return nil, opErr("connect", err)
+	}
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, opErr("", err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, opErr("", fmt.Errorf("not a TCP connection: %T", c))
+	}
+	return tc, nil
+}
+
+// waitConnected waits, in the runtime's poller, for a non-blocking connect
+// on f to finish, or for ctx to end.
+func waitConnected(ctx context.Context, f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok {
+		f.SetWriteDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var cerr error
+	err = rc.Write(func(fd uintptr) bool {
+		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if err != nil {
+			cerr = os.NewSyscallError("getsockopt", err)
+			return true
+		}
+		switch e := unix.Errno(v); e {
+		case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+			return false
+		case 0:
+			// Writable with no error: connected, unless the wake-up was
+			// spurious, which getpeername tells.
+			if _, err := unix.Getpeername(int(fd)); err == unix.ENOTCONN {
+				return false
+			}
+			return true
+		default:
+			cerr = os.NewSyscallError("connect", e)
+			return true
+		}
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// Only ctx sets deadlines here; its own timer may lag the poller's.
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	if err != nil {
+		return err
+	}
+	return cerr
+}
+
+func sockaddr(family int, ap netip.AddrPort) unix.Sockaddr {
+	if family == unix.AF_INET {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 }

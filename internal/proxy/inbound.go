@@ -17,7 +17,6 @@ import (
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
-	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -168,12 +167,7 @@ func (p *Proxy) dialApp(ctx context.Context, client netip.Addr, target netip.Add
 	if pd := p.podAt(target.Addr()); pd != nil {
 		// In the pod's namespace, marked and transparent: the app sees the
 		// client's IP, and capture routes its answers back to us.
-		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: markAndTransparent}
-		var c net.Conn
-		if err := nsutil.Do(pd.ns, func() (err error) { c, err = d.DialContext(ctx, "tcp", target.String()); return }); err != nil {
-			return nil, err
-		}
-		return c.(*net.TCPConn), nil
+		return pd.dial(ctx, netip.AddrPortFrom(client, 0), target)
 	}
 	if client.IsValid() && client != target.Addr() && client.Is4() == target.Addr().Is4() {
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(client, 0)), Control: transparent}

@@ -138,42 +138,51 @@ func (p *Proxy) podAt(ip netip.Addr) *pod {
 // marked, when src is an enrolled pod; otherwise a plain dial bound to src
 // (if set).
 func (p *Proxy) dialFrom(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	d := net.Dialer{}
-	if src.IsValid() {
-		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
-	}
 	pd := p.podAt(src)
 	if pd == nil {
+		d := net.Dialer{}
+		if src.IsValid() {
+			d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+		}
 		return d.DialContext(ctx, "tcp", dst.String())
 	}
-	d.Control = markAndTransparent
-	var c net.Conn
-	err := nsutil.Do(pd.ns, func() (err error) {
-		c, err = d.DialContext(ctx, "tcp", dst.String())
-		return err
-	})
-	return c, err
+	c, err := pd.dial(ctx, netip.AddrPortFrom(src, 0), dst)
+	if err != nil {
+		return nil, err // not a nil *net.TCPConn in a non-nil net.Conn
+	}
+	return c, nil
 }
 
-// markAndTransparent marks a socket as the proxy's and lets it use a
-// non-local source address (the client's IP, on the way in). Both need
-// CAP_NET_ADMIN; without it the socket is refused.
+// dial connects from the pod's namespace, marked and transparent, so from
+// may be an address that is not the pod's own (the client's, on the way in).
+func (pd *pod) dial(ctx context.Context, from, to netip.AddrPort) (*net.TCPConn, error) {
+	return nsutil.DialTCP(ctx, pd.ns, from, to, func(fd int) error { return markTransparent(fd, !to.Addr().Unmap().Is4()) })
+}
+
+// markAndTransparent is markTransparent as a dialer's or listener's Control.
 func markAndTransparent(network, _ string, c syscall.RawConn) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, ProxyMark); serr != nil {
-			serr = fmt.Errorf("SO_MARK: %w", serr)
-			return
-		}
-		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
-		if len(network) > 0 && network[len(network)-1] == '6' {
-			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
-		}
-		if serr = unix.SetsockoptInt(int(fd), level, opt, 1); serr != nil {
-			serr = fmt.Errorf("IP_TRANSPARENT: %w", serr)
-		}
+		serr = markTransparent(int(fd), len(network) > 0 && network[len(network)-1] == '6')
 	})
 	return errors.Join(err, serr)
+}
+
+// markTransparent marks a socket as the proxy's and lets it use a
+// non-local source address (the client's IP, on the way in). Both need
+// CAP_NET_ADMIN; without it the socket is refused.
+func markTransparent(fd int, v6 bool) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ProxyMark); err != nil {
+		return fmt.Errorf("SO_MARK: %w", err)
+	}
+	level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+	if v6 {
+		level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+	}
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		return fmt.Errorf("IP_TRANSPARENT: %w", err)
+	}
+	return nil
 }
 
 // ZDS is the proxy as a node agent's client sees it: adds and deletes of

@@ -1,0 +1,129 @@
+package nsutil_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/testutil"
+)
+
+// TestDialTCPFromANamespace: the socket lives in the namespace (it reaches
+// an address that exists only there, from a source bound there) while the
+// calling thread never stays in it.
+func TestDialTCPFromANamespace(t *testing.T) {
+	ns, _ := testutil.Netns(t)
+	var ln net.Listener
+	if err := nsutil.Do(ns, func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:0"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	seen := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			seen <- err.Error()
+			return
+		}
+		seen <- c.RemoteAddr().String()
+		c.Write([]byte("hi"))
+		c.Close()
+	}()
+	to := netip.MustParseAddrPort(ln.Addr().String())
+	from := netip.MustParseAddrPort("127.0.0.9:0")
+	set := 0
+	c, err := nsutil.DialTCP(context.Background(), ns, from, to, func(fd int) error { set = fd; return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if set == 0 {
+		t.Error("setup was not called with the socket")
+	}
+	b := make([]byte, 2)
+	if _, err := c.Read(b); err != nil || string(b) != "hi" {
+		t.Fatalf("read %q, %v", b, err)
+	}
+	if got := <-seen; !strings.HasPrefix(got, "127.0.0.9:") {
+		t.Errorf("the listener saw %s, want the bound source 127.0.0.9", got)
+	}
+	if got := c.RemoteAddr().String(); got != to.String() {
+		t.Errorf("RemoteAddr %s, want %s", got, to)
+	}
+	if la, _ := netip.ParseAddrPort(c.LocalAddr().String()); la.Addr() != from.Addr() || la.Port() == 0 {
+		t.Errorf("LocalAddr %s, want 127.0.0.9 and a port", c.LocalAddr())
+	}
+	// A port nobody listens on in the namespace: refused, named like net's.
+	_, err = nsutil.DialTCP(context.Background(), ns, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:1"), nil)
+	if !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), "dial tcp 127.0.0.1:1") {
+		t.Errorf("refused dial: %v", err)
+	}
+	// setup's error stops the dial.
+	_, err = nsutil.DialTCP(context.Background(), ns, netip.AddrPort{}, to, func(int) error { return errors.New("no mark") })
+	if err == nil || !strings.Contains(err.Error(), "no mark") {
+		t.Errorf("setup error: %v", err)
+	}
+}
+
+// TestDialTCPHoldsNoThreadWhileConnecting: connects in flight wait in the
+// runtime's poller, not on threads locked into the namespace. 64 connects
+// to an address that never answers must
+// not add a thread each, and must end when their context does.
+func TestDialTCPHoldsNoThreadWhileConnecting(t *testing.T) {
+	ns, _ := testutil.Netns(t)
+	// 10.253.0.2 is on the veth's subnet, but nobody has it: its ARP goes
+	// unanswered, so SYNs never leave and a connect waits (~3 s, until
+	// the kernel gives up on the neighbour).
+	peer, _ := testutil.Netns(t)
+	testutil.Veth(t, ns, peer, "10.253.0.1/24", "10.253.0.3/24")
+	before := threads(t)
+	const n = 64
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := nsutil.DialTCP(ctx, ns, netip.AddrPort{}, netip.MustParseAddrPort("10.253.0.2:80"), nil)
+			errs <- err
+		}()
+	}
+	time.Sleep(500 * time.Millisecond) // all connects in flight
+	during := threads(t)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a connect to a black hole ended with %v, want the context's deadline", err)
+		}
+	}
+	if during-before > 8 {
+		t.Errorf("%d connects in flight took %d more threads (%d -> %d); they should wait in the poller", n, during-before, before, during)
+	}
+}
+
+func threads(t *testing.T) int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Threads:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	t.Fatal("no Threads line")
+	return 0
+}
