@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -124,37 +123,13 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		telemetry.LogConn(p.alog, tc, 0, 0, telemetry.FlagConnect, err)
 		return false
 	}
-	var lateMu sync.Mutex
-	var late string
-	var rl *relay.Relay
-	lc := &liveConn{dstUID: dst.UID, authz: ac, close: func(reason string) {
-		lateMu.Lock()
-		late = reason
-		r := rl
-		lateMu.Unlock()
-		r.Abort() // nil-safe: a close before the relay started
-		down.Close()
-		up.Close()
-	}}
+	lc := &liveConn{p: p, tc: tc, down: down, up: up}
 	p.track(lc)
 	p.opts.Metrics.Opened(tc)
-	started := p.relayAsync(down, up, func(res relay.Result) {
-		p.untrack(lc)
-		up.Close()
-		down.Close()
-		// Bytes "sent" are those toward the destination application.
-		flag, rerr := telemetry.FlagNone, relayErr(res)
-		lateMu.Lock()
-		if late != "" {
-			flag, rerr = telemetry.FlagPolicyClose, errors.New(late)
-		}
-		lateMu.Unlock()
-		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, flag)
-		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, flag, rerr)
-	})
-	lateMu.Lock()
-	rl = started
-	lateMu.Unlock()
+	started := p.relayAsync(down, up, lc.done)
+	lc.mu.Lock()
+	lc.rl = started
+	lc.mu.Unlock()
 	return true
 }
 
@@ -203,6 +178,40 @@ func transparent(network, address string, c syscall.RawConn) error {
 	})
 }
 
+// authzConn is what policy judges the connection by: the same fields its
+// telemetry record holds, so they are not kept twice.
+func (c *liveConn) authzConn() authz.Conn {
+	return authz.Conn{Source: c.tc.Src, Destination: c.tc.Dst, SourceID: c.tc.SrcIdentity}
+}
+
+// close ends the connection early (a policy change, shutdown); reason
+// goes into its access log and metrics.
+func (c *liveConn) close(reason string) {
+	c.mu.Lock()
+	c.late = reason
+	r := c.rl
+	c.mu.Unlock()
+	r.Abort() // nil-safe: a close before the relay started
+	c.down.Close()
+	c.up.Close()
+}
+
+// done is the relay's end: account and log the connection.
+func (c *liveConn) done(res relay.Result) {
+	c.p.untrack(c)
+	c.up.Close()
+	c.down.Close()
+	// Bytes "sent" are those toward the destination application.
+	flag, rerr := telemetry.FlagNone, relayErr(res)
+	c.mu.Lock()
+	if c.late != "" {
+		flag, rerr = telemetry.FlagPolicyClose, errors.New(c.late)
+	}
+	c.mu.Unlock()
+	c.p.opts.Metrics.Closed(c.tc, res.AToB, res.BToA, flag)
+	telemetry.LogConn(c.p.alog, c.tc, res.AToB, res.BToA, flag, rerr)
+}
+
 func (p *Proxy) track(c *liveConn) {
 	p.mu.Lock()
 	p.live[c] = struct{}{}
@@ -222,18 +231,18 @@ func (p *Proxy) recheckInbound(ix *workload.Index) {
 	var doomed []*liveConn
 	var reasons []string
 	for c := range p.live {
-		w := ix.WorkloadByUID(c.dstUID)
+		w := ix.WorkloadByUID(c.tc.DstWorkload.UID)
 		if w == nil {
 			doomed, reasons = append(doomed, c), append(reasons, "destination workload removed from the config")
 			continue
 		}
-		if d := authz.Evaluate(ix.PoliciesFor(w), c.authz); !d.Allow {
+		if d := authz.Evaluate(ix.PoliciesFor(w), c.authzConn()); !d.Allow {
 			doomed, reasons = append(doomed, c), append(reasons, "closed by a policy change: "+d.Reason)
 		}
 	}
 	p.mu.Unlock()
 	for i, c := range doomed {
-		p.log.Info("closing a live connection", "src", c.authz.Source.String(), "dst", c.authz.Destination.String(), "reason", reasons[i])
+		p.log.Info("closing a live connection", "src", c.tc.Src.String(), "dst", c.tc.Dst.String(), "reason", reasons[i])
 		c.close(reasons[i])
 	}
 }

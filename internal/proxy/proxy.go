@@ -18,7 +18,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
@@ -103,11 +102,19 @@ type Proxy struct {
 	wg sync.WaitGroup
 }
 
-// liveConn is an inbound connection policy may close later.
+// liveConn is an inbound connection policy may close later: one object
+// holds what its early close and its end need (10,000 idle connections
+// hold 10,000 of them; closures and separately captured variables were
+// four more allocations each).
 type liveConn struct {
-	dstUID string
-	authz  authz.Conn
-	close  func(reason string)
+	p    *Proxy
+	tc   *telemetry.Conn // also what policy judges it by (authzConn)
+	down upstream
+	up   *net.TCPConn
+
+	mu   sync.Mutex
+	late string       // why it was closed early, if it was
+	rl   *relay.Relay // set once the relay started
 }
 
 // New checks the options and builds a proxy over an initial index.
