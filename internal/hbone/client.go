@@ -286,8 +286,12 @@ func (d *Dialer) remove(key poolKey, c *conn) {
 	delete(d.all, c)
 }
 
-// open starts the CONNECT stream on a connection with a reserved slot.
-func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error) {
+// requestFields are a CONNECT's header fields. A traceparent is new on
+// every stream, so it is sent never indexed: in the HPACK dynamic table it
+// would only push out what repeats (the authority, forwarded) and keep ~8
+// KB of unique strings per connection on each side (0.85 MB per proxy at
+// 10,000 streams over 100 connections).
+func requestFields(req Request) []hpack.HeaderField {
 	fields := []hpack.HeaderField{
 		{Name: ":method", Value: http.MethodConnect},
 		{Name: ":authority", Value: req.Authority.String()},
@@ -295,16 +299,21 @@ func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error
 	hasTrace := false
 	for k, vs := range req.Header {
 		lk := strings.ToLower(k)
-		if lk == "traceparent" {
-			hasTrace = true
-		}
+		unique := lk == "traceparent"
+		hasTrace = hasTrace || unique
 		for _, v := range vs {
-			fields = append(fields, hpack.HeaderField{Name: lk, Value: v})
+			fields = append(fields, hpack.HeaderField{Name: lk, Value: v, Sensitive: unique})
 		}
 	}
 	if !hasTrace {
-		fields = append(fields, hpack.HeaderField{Name: "traceparent", Value: NewTraceparent()})
+		fields = append(fields, hpack.HeaderField{Name: "traceparent", Value: NewTraceparent(), Sensitive: true})
 	}
+	return fields
+}
+
+// open starts the CONNECT stream on a connection with a reserved slot.
+func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error) {
+	fields := requestFields(req)
 	c.mu.Lock()
 	c.reserved--
 	if c.closed || c.goingAway {

@@ -6,12 +6,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"reflect"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 func TestParseAuthority(t *testing.T) {
@@ -256,4 +258,51 @@ func FuzzServerFrames(f *testing.F) {
 		}
 		c.wait()
 	})
+}
+
+// A traceparent is unique per stream: it goes never indexed, so the HPACK
+// tables on both sides keep only what repeats.
+func TestTraceparentIsNotIndexed(t *testing.T) {
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	dec := hpack.NewDecoder(4096, nil)
+	req := Request{Authority: netip.MustParseAddrPort("10.244.1.3:8080"), Header: http.Header{"Forwarded": {"for=10.244.0.2"}}}
+	var last int
+	for i := range 50 {
+		buf.Reset()
+		for _, f := range requestFields(req) {
+			if err := enc.WriteField(f); err != nil {
+				t.Fatal(err)
+			}
+		}
+		last = buf.Len()
+		fields, err := dec.DecodeFull(buf.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, f := range fields {
+			if f.Name == "traceparent" {
+				found = true
+				if !f.Sensitive {
+					t.Fatalf("stream %d: traceparent was indexed", i)
+				}
+			}
+		}
+		if !found {
+			t.Fatalf("stream %d: no traceparent in %v", i, fields)
+		}
+	}
+	// What repeats is indexed: after the first stream, only the
+	// traceparent's literal (~70 bytes) goes out, plus a byte per field.
+	if last > 80 {
+		t.Errorf("the 50th CONNECT's header block is %d bytes; the repeating fields are not indexed", last)
+	}
+	// A caller's own traceparent goes the same way.
+	req.Header.Set("Traceparent", NewTraceparent())
+	for _, f := range requestFields(req) {
+		if f.Name == "traceparent" && !f.Sensitive {
+			t.Error("a caller's traceparent would be indexed")
+		}
+	}
 }
