@@ -69,12 +69,16 @@ costs little CPU and keeps the memory of idle connections down.`,
 				return fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel)
 			}
 			hopts := &slog.HandlerOptions{Level: level}
+			// Buffered (flushed within 100 ms), so a burst of access-log
+			// records does not queue on the handler's lock a syscall at a time.
+			lw := telemetry.NewLogWriter(os.Stderr, 100*time.Millisecond)
+			defer lw.Close()
 			var h slog.Handler
 			switch logFormat {
 			case "text":
-				h = slog.NewTextHandler(os.Stderr, hopts)
+				h = slog.NewTextHandler(lw, hopts)
 			case "json":
-				h = slog.NewJSONHandler(os.Stderr, hopts)
+				h = slog.NewJSONHandler(lw, hopts)
 			default:
 				return fmt.Errorf("--log-format %q: want text or json", logFormat)
 			}

@@ -26,8 +26,9 @@ import (
 // PING and GOAWAY, and the stream is a byte pipe with half-close in both
 // directions, which a generic HTTP/2 server cannot give a handler.
 //
-// Three goroutines own it: readLoop (frames in), writeLoop (frames out) and,
-// on the client, pingLoop. All end when the connection closes. Whoever holds
+// Two goroutines own it: readLoop (frames in; on a server, the goroutine
+// that accepted the connection) and writeLoop (frames out); a client's
+// keepalive is a timer (pingFired). All end when the connection closes. Whoever holds
 // the write token (conn.writing) is the only writer of the socket: usually
 // writeLoop, but a Stream.Write that finds the connection idle takes the
 // token and writes its DATA itself, sparing two goroutine hand-offs per
@@ -87,6 +88,8 @@ type conn struct {
 	closed      bool
 	err         error
 	idleTimer   *time.Timer
+	pingTimer   *time.Timer // client keepalive (pingFired); stopped at close
+	pings       uint64
 	idleSince   time.Time
 }
 
@@ -186,12 +189,30 @@ func (c *conn) readPeerSettings(deadline time.Time) error {
 
 // start runs the connection's goroutines.
 func (c *conn) start() {
-	c.wg.Add(2)
-	go func() { defer c.wg.Done(); c.writeLoop() }()
+	c.startWriter()
+	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.readLoop() }()
+}
+
+// serve is start with the read loop on the calling goroutine, and returns
+// once the connection and all its goroutines have ended. A server's
+// connection goroutine would otherwise only wait, keeping the stack its
+// TLS handshake grew, beside a second goroutine growing one for reading.
+func (c *conn) serve() {
+	c.startWriter()
+	c.readLoop()
+	c.wait()
+}
+
+func (c *conn) startWriter() {
+	c.wg.Add(1)
+	go func() { defer c.wg.Done(); c.writeLoop() }()
 	if c.client {
-		c.wg.Add(1)
-		go func() { defer c.wg.Done(); c.pingLoop() }()
+		c.mu.Lock()
+		if !c.closed {
+			c.pingTimer = time.AfterFunc(c.cfg.PingInterval, c.pingFired)
+		}
+		c.mu.Unlock()
 	}
 }
 
@@ -948,29 +969,24 @@ func (c *conn) idleFired() {
 	}
 }
 
-// pingLoop sends a PING every interval and closes the connection when
-// nothing at all was read for the timeout.
-func (c *conn) pingLoop() {
-	t := time.NewTicker(c.cfg.PingInterval)
-	defer t.Stop()
-	var n uint64
-	for {
-		select {
-		case <-c.done:
-			return
-		case now := <-t.C:
-			if now.Sub(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingTimeout {
-				c.closeWithError(errKeepalive)
-				return
-			}
-			n++
-			var p [8]byte
-			binary.BigEndian.PutUint64(p[:], n)
-			c.mu.Lock()
-			c.queue(outFrame{kind: kindPing, ping: p})
-			c.mu.Unlock()
-		}
+// pingFired sends a PING every interval and closes the connection when
+// nothing at all was read for the timeout. A timer, not a goroutine: 100
+// idle connections would keep 100 goroutines only for this.
+func (c *conn) pingFired() {
+	if time.Since(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingTimeout {
+		c.closeWithError(errKeepalive)
+		return
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.pings++
+	var p [8]byte
+	binary.BigEndian.PutUint64(p[:], c.pings)
+	c.queue(outFrame{kind: kindPing, ping: p})
+	c.pingTimer.Reset(c.cfg.PingInterval)
 }
 
 // goAway tells the peer no new streams will be accepted (server drain).
@@ -1022,6 +1038,9 @@ func (c *conn) closeWithError(err error) {
 	c.wclosed = true
 	c.wcond.Broadcast()
 	c.stopIdleLocked()
+	if c.pingTimer != nil {
+		c.pingTimer.Stop()
+	}
 	for _, s := range c.streams {
 		if s.rerr == nil {
 			s.rerr = err

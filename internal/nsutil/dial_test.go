@@ -127,3 +127,41 @@ func threads(t *testing.T) int {
 	t.Fatal("no Threads line")
 	return 0
 }
+
+// BenchmarkDialTCP: one connect from a namespace to a listener in it, the
+// namespace switch (socket made inside) included.
+func BenchmarkDialTCP(b *testing.B) {
+	ns, _ := testutil.Netns(b)
+	var ln net.Listener
+	if err := nsutil.Do(ns, func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:0"); return }); err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	to := netip.MustParseAddrPort(ln.Addr().String())
+	for b.Loop() {
+		c, err := nsutil.DialTCP(context.Background(), ns, netip.AddrPort{}, to, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}
+
+// BenchmarkDo: entering a namespace and coming back.
+func BenchmarkDo(b *testing.B) {
+	ns, _ := testutil.Netns(b)
+	for b.Loop() {
+		if err := nsutil.Do(ns, func() error { return nil }); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
