@@ -1,29 +1,17 @@
 package telemetry
 
 import (
-	"bytes"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
-// syncBuffer is a bytes.Buffer safe to read while the writer's timer writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
-
 func TestLogWriterFlushesWithinItsDelay(t *testing.T) {
-	var out syncBuffer
+	var out testutil.Buffer
 	lw := NewLogWriter(&out, 50*time.Millisecond)
 	defer lw.Close()
 	if _, err := lw.Write([]byte("one\n")); err != nil {
@@ -50,7 +38,7 @@ func TestLogWriterFlushesWithinItsDelay(t *testing.T) {
 }
 
 func TestLogWriterLosesNothingOnClose(t *testing.T) {
-	var out syncBuffer
+	var out testutil.Buffer
 	lw := NewLogWriter(&out, time.Hour) // only Close (or a full buffer) writes
 	const writers, lines = 8, 2000      // more than the 64 KiB buffer holds
 	var wg sync.WaitGroup

@@ -3,6 +3,7 @@
 package testutil
 
 import (
+	"bytes"
 	"io"
 	"net"
 	"net/netip"
@@ -77,4 +78,24 @@ func TCPPair(t testing.TB) (*net.TCPConn, *net.TCPConn) {
 	}
 	t.Cleanup(func() { c.Close(); s.Close() })
 	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// Buffer is a bytes.Buffer that goroutines may write while a test reads it
+// (a logger's output, say).
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String is what was written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
