@@ -3,6 +3,7 @@ package hbone
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -260,15 +261,19 @@ func FuzzServerFrames(f *testing.F) {
 	})
 }
 
-// A traceparent is unique per stream: it goes never indexed, so the HPACK
-// tables on both sides keep only what repeats.
-func TestTraceparentIsNotIndexed(t *testing.T) {
+// A traceparent and a Forwarded (with the client's port) are unique per
+// stream: they go never indexed, so the HPACK tables on both sides keep
+// only what repeats.
+func TestUniqueHeadersAreNotIndexed(t *testing.T) {
 	var buf bytes.Buffer
 	enc := hpack.NewEncoder(&buf)
 	dec := hpack.NewDecoder(4096, nil)
-	req := Request{Authority: netip.MustParseAddrPort("10.244.1.3:8080"), Header: http.Header{"Forwarded": {"for=10.244.0.2"}}}
 	var last int
 	for i := range 50 {
+		req := Request{Authority: netip.MustParseAddrPort("10.244.1.3:8080"), Header: http.Header{
+			"Forwarded": {Forwarded{For: fmt.Sprintf("10.244.0.2:%d", 40000+i)}.String()},
+			"Baggage":   {"k8s.namespace.name=default"},
+		}}
 		buf.Reset()
 		for _, f := range requestFields(req) {
 			if err := enc.WriteField(f); err != nil {
@@ -280,26 +285,25 @@ func TestTraceparentIsNotIndexed(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		found := false
+		seen := map[string]bool{}
 		for _, f := range fields {
-			if f.Name == "traceparent" {
-				found = true
-				if !f.Sensitive {
-					t.Fatalf("stream %d: traceparent was indexed", i)
-				}
+			seen[f.Name] = true
+			unique := f.Name == "traceparent" || f.Name == "forwarded"
+			if f.Sensitive != unique {
+				t.Fatalf("stream %d: %s sent never-indexed=%v, want %v", i, f.Name, f.Sensitive, unique)
 			}
 		}
-		if !found {
-			t.Fatalf("stream %d: no traceparent in %v", i, fields)
+		if !seen["traceparent"] || !seen["forwarded"] || !seen["baggage"] {
+			t.Fatalf("stream %d: fields %v", i, fields)
 		}
 	}
-	// What repeats is indexed: after the first stream, only the
-	// traceparent's literal (~70 bytes) goes out, plus a byte per field.
-	if last > 80 {
+	// What repeats is indexed: after the first stream, only the unique
+	// literals (~100 bytes) go out, plus a byte per repeated field.
+	if last > 110 {
 		t.Errorf("the 50th CONNECT's header block is %d bytes; the repeating fields are not indexed", last)
 	}
 	// A caller's own traceparent goes the same way.
-	req.Header.Set("Traceparent", NewTraceparent())
+	req := Request{Authority: netip.MustParseAddrPort("10.244.1.3:8080"), Header: http.Header{"Traceparent": {NewTraceparent()}}}
 	for _, f := range requestFields(req) {
 		if f.Name == "traceparent" && !f.Sensitive {
 			t.Error("a caller's traceparent would be indexed")
