@@ -67,6 +67,11 @@ func TestDialTCPFromANamespace(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), "dial tcp 127.0.0.1:1") {
 		t.Errorf("refused dial: %v", err)
 	}
+	// A source of the other family is refused, not a panic.
+	_, err = nsutil.DialTCP(context.Background(), ns, netip.MustParseAddrPort("[::1]:0"), to, nil)
+	if err == nil || !strings.Contains(err.Error(), "address family") {
+		t.Errorf("IPv6 source to an IPv4 destination: %v", err)
+	}
 	// setup's error stops the dial.
 	_, err = nsutil.DialTCP(context.Background(), ns, netip.AddrPort{}, to, func(int) error { return errors.New("no mark") })
 	if err == nil || !strings.Contains(err.Error(), "no mark") {

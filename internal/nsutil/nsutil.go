@@ -89,6 +89,9 @@ func DialTCP(ctx context.Context, ns netns.NsHandle, laddr, raddr netip.AddrPort
 	if !raddr.Addr().Unmap().Is4() {
 		family = unix.AF_INET6
 	}
+	if laddr.IsValid() && laddr.Addr().Unmap().Is4() != (family == unix.AF_INET) {
+		return nil, opErr("", fmt.Errorf("source %s and destination are not of one address family", laddr.Addr()))
+	}
 	fd := -1
 	if err := Do(ns, func() (err error) {
 		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
