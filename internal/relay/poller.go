@@ -27,7 +27,7 @@ import (
 //
 // The price is two syscalls (the re-arm, and the epoll_wait that sees it)
 // and a goroutine start each time a direction goes back to the set: after
-// each quiet spell, and at most once per linger on a busy connection; see
+// each quiet spell of a linger or more, never on a busy connection; see
 // docs/idle-connections.md.
 //
 // Every socket in the set is there under an id, never by its descriptor
@@ -46,6 +46,7 @@ type Poller struct {
 	closed   bool
 	next     uint64
 	watching map[uint64]*idleRead
+	arms     int // directions put in the set so far (tests)
 }
 
 // NewPoller starts a poller; Close ends it.
@@ -194,10 +195,11 @@ func (p *Poller) initIdleRead(r *idleRead, rl *Relay, dir int, dst, src Conn) bo
 
 // linger is how long a direction that has found its socket empty waits
 // for more in the runtime's poller (holding its goroutine, not a buffer)
-// before it moves to the set. It counts from that first empty read and is
-// not extended by later bytes (the deadline is set once, not per read): a
-// busy connection pays the set's two syscalls once a linger, not once a
-// burst.
+// before it moves to the set. The deadline is set once per linger, not per
+// read; when it passes, a direction that read anything meanwhile lingers
+// again, so only a socket quiet for a whole linger goes to the set, and a
+// busy connection pays one deadline per linger instead of the set's
+// syscalls and a new goroutine.
 const linger = 100 * time.Millisecond
 
 // run copies; from the first time it finds the socket empty it waits in
@@ -205,6 +207,7 @@ const linger = 100 * time.Millisecond
 // goroutine of the direction, and ends either way.
 func (r *idleRead) run() {
 	lingering := false
+	busy := false // bytes came during this linger
 	for {
 		bp, m, err := readSocket(r.rc, lingering)
 		switch {
@@ -216,6 +219,13 @@ func (r *idleRead) run() {
 			lingering = true
 			continue
 		case lingering && errors.Is(err, os.ErrDeadlineExceeded):
+			if busy && r.src.SetReadDeadline(time.Now().Add(linger)) == nil {
+				// Traffic during the linger: another one, rather than a
+				// trip through the set (epoll_ctl, a wake-up of the
+				// poller, a new goroutine) every linger on a busy socket.
+				busy = false
+				continue
+			}
 			_ = r.src.SetReadDeadline(time.Time{})
 			r.arm()
 			return
@@ -226,6 +236,7 @@ func (r *idleRead) run() {
 			r.finish(nil) // EOF
 			return
 		}
+		busy = true
 		w, werr := writePooled(r.dst, bp, m)
 		n, _ := r.rl.r.of(r.dir)
 		*n += int64(w)
@@ -247,6 +258,7 @@ func (r *idleRead) arm() {
 		r.finish(net.ErrClosed)
 		return
 	}
+	p.arms++
 	op := unix.EPOLL_CTL_MOD
 	if !r.added {
 		op = unix.EPOLL_CTL_ADD

@@ -212,3 +212,37 @@ func TestPollerChurn(t *testing.T) {
 		t.Errorf("%d left in the set", w)
 	}
 }
+
+// A busy direction stays on its goroutine: it goes to the set only after a
+// whole linger without bytes, not once per linger while traffic flows.
+func TestPollerBusyDirectionStaysOut(t *testing.T) {
+	p := newPoller(t)
+	client, a := testutil.TCPPair(t)
+	b, server := testutil.TCPPair(t)
+	p.Go(a, b, func(Result) {})
+	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	p.mu.Lock()
+	before := p.arms
+	p.mu.Unlock()
+	// 600 ms of a message every 20 ms: six lingers' worth.
+	buf := make([]byte, 16)
+	for range 30 {
+		if _, err := client.Write([]byte("tick")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(server, buf[:4]); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	p.mu.Lock()
+	during := p.arms - before
+	p.mu.Unlock()
+	// The first message took the direction out of the set; it must not
+	// have gone back while messages kept coming (it used to, every linger).
+	if during > 0 {
+		t.Errorf("a busy direction went back to the set %d times in 600 ms", during)
+	}
+	// Quiet again: back in the set after a linger.
+	waitFor(t, "the quiet direction back in the set", func() bool { return p.Waiting() == 2 })
+}
