@@ -208,8 +208,9 @@ const linger = 100 * time.Millisecond
 func (r *idleRead) run() {
 	lingering := false
 	busy := false // bytes came during this linger
+	sr := newSocketReader(r.rc)
 	for {
-		bp, m, err := readSocket(r.rc, lingering)
+		bp, m, err := sr.read(lingering)
 		switch {
 		case err == unix.EAGAIN: // nothing now: linger, if the deadline takes
 			if r.src.SetReadDeadline(time.Now().Add(linger)) != nil {

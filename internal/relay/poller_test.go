@@ -246,3 +246,48 @@ func TestPollerBusyDirectionStaysOut(t *testing.T) {
 	// Quiet again: back in the set after a linger.
 	waitFor(t, "the quiet direction back in the set", func() bool { return p.Waiting() == 2 })
 }
+
+// The hot path allocates nothing per read: 200 round trips through a warm
+// relay, 400 messages relayed. Each message's read used to cost four
+// allocations (a closure and the three results it captured).
+func TestRelayReadsDoNotAllocate(t *testing.T) {
+	p := newPoller(t)
+	client, a := testutil.TCPPair(t)
+	b, server := testutil.TCPPair(t)
+	p.Go(a, b, func(Result) {})
+	buf := make([]byte, 4)
+	trip := func() {
+		if _, err := client.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(server, buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := server.Write([]byte("pong")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(client, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 20 {
+		trip() // both directions out of the set and lingering
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	const n = 200
+	for range n {
+		trip()
+	}
+	runtime.ReadMemStats(&after)
+	// Without the race detector: ~0 now, 8 per round trip before (1,600).
+	// With it, its own allocations on top: ~4 per round trip now, ~12
+	// before (2,400).
+	limit := uint64(n / 4)
+	if raceEnabled {
+		limit = 6 * n
+	}
+	if allocs := after.Mallocs - before.Mallocs; allocs > limit {
+		t.Errorf("%d round trips allocated %d times (limit %d); the relay's reads should not allocate", n, allocs, limit)
+	}
+}
