@@ -9,7 +9,7 @@ FUZZMINTIME ?= 60s
 # CI's fuzz smoke counts executions instead of seconds: with a duration,
 # Go 1.26's fuzz coordinator can fail a target with a bare "context
 # deadline exceeded" as the time runs out (go.dev/issue/75804, fixed in
-# Go 1.27), and it did in CI. 20,000 runs take 2-7 s per target here.
+# Go 1.27), and it did in CI. 20,000 runs take 1-8 s per target here.
 FUZZSMOKE ?= 20000x
 BENCHTIME ?= 2s
 BENCHCOUNT ?= 5
