@@ -15,6 +15,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/testutil"
+	"github.com/vishvananda/netns"
 )
 
 // TestDialTCPFromANamespace: the socket lives in the namespace (it reaches
@@ -22,11 +23,7 @@ import (
 // calling thread never stays in it.
 func TestDialTCPFromANamespace(t *testing.T) {
 	ns, _ := testutil.Netns(t)
-	var ln net.Listener
-	if err := nsutil.Do(ns, func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:0"); return }); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listenIn(t, ns)
 	seen := make(chan string, 1)
 	go func() {
 		c, err := ln.Accept()
@@ -133,15 +130,23 @@ func threads(t *testing.T) int {
 	return 0
 }
 
+// listenIn listens on 127.0.0.1 inside ns (its loopback, not the host's)
+// until the test ends.
+func listenIn(tb testing.TB, ns netns.NsHandle) net.Listener {
+	tb.Helper()
+	var ln net.Listener
+	if err := nsutil.Do(ns, func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:0"); return }); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ln.Close() })
+	return ln
+}
+
 // BenchmarkDialTCP: one connect from a namespace to a listener in it, the
 // namespace switch (socket made inside) included.
 func BenchmarkDialTCP(b *testing.B) {
 	ns, _ := testutil.Netns(b)
-	var ln net.Listener
-	if err := nsutil.Do(ns, func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:0"); return }); err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listenIn(b, ns)
 	go func() {
 		for {
 			c, err := ln.Accept()
