@@ -189,22 +189,23 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 
 	// The proxies write their logs within 100 ms (buffered): wait for each
 	// one's record of this connection, for up to 2 s.
-	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+	said := map[string][]string{} // node -> its log lines since the request
+	for end := time.Now().Add(2 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		logged := 0
 		for _, n := range nodes {
 			lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log"))
-			if slices.ContainsFunc(lines[min(mark[n], len(lines)):], func(l string) bool { return strings.Contains(l, "connection complete") }) {
+			said[n] = lines[min(mark[n], len(lines)):]
+			if slices.ContainsFunc(said[n], func(l string) bool { return strings.Contains(l, "connection complete") }) {
 				logged++
 			}
 		}
-		if logged == len(nodes) {
+		if logged == len(nodes) || time.Now().After(end) {
 			break
 		}
 	}
 	for _, n := range nodes {
 		p("\n== the proxy of node %s said", n)
-		lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log"))
-		for _, l := range lines[min(mark[n], len(lines)):] {
+		for _, l := range said[n] {
 			if strings.Contains(l, "msg=\"outbound") || strings.Contains(l, "msg=\"inbound") || strings.Contains(l, "connection complete") {
 				p("  %s", trimTime(l))
 			}
