@@ -73,7 +73,7 @@ func (p *Proxy) servePlaintextInbound(l net.Listener) {
 		src := netip.MustParseAddrPort(down.RemoteAddr().String())
 		return p.inbound(context.Background(), inboundReq{
 			src: netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), target: dst,
-			accept: func() (upstream, error) { return down, nil },
+			accept: func() (upstream, error) { return p.adopt(down), nil },
 			reject: func(int, string) { _ = down.SetLinger(0) }, // close with RST
 		})
 	})
@@ -109,13 +109,14 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	}
 	p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	up, err := p.dialApp(dctx, in.src.Addr(), in.target)
+	tcp, err := p.dialApp(dctx, in.src.Addr(), in.target)
 	cancel()
 	if err != nil {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
 		return false
 	}
-	p.log.Debug("inbound upstream connected", "from", up.LocalAddr().String(), "to", up.RemoteAddr().String())
+	p.log.Debug("inbound upstream connected", "from", tcp.LocalAddr().String(), "to", tcp.RemoteAddr().String())
+	up := p.adopt(tcp)
 	down, err := in.accept()
 	if err != nil {
 		up.Close()
@@ -126,10 +127,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	lc := &liveConn{p: p, tc: tc, down: down, up: up}
 	p.track(lc)
 	p.opts.Metrics.Opened(tc)
-	started := p.relayAsync(down, up, lc.done)
-	lc.mu.Lock()
-	lc.rl = started
-	lc.mu.Unlock()
+	p.relayAsync(down, up, lc.done)
 	return true
 }
 
@@ -189,9 +187,7 @@ func (c *liveConn) authzConn() authz.Conn {
 func (c *liveConn) close(reason string) {
 	c.mu.Lock()
 	c.late = reason
-	r := c.rl
 	c.mu.Unlock()
-	r.Abort() // nil-safe: a close before the relay started
 	c.down.Close()
 	c.up.Close()
 }

@@ -239,9 +239,13 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	}
 	p.logOutbound(tc, r, up)
 	p.opts.Metrics.Opened(tc)
-	p.relayAsync(down, up, func(res relay.Result) {
+	app := p.adopt(down)
+	if c, ok := up.(*net.TCPConn); ok {
+		up = p.adopt(c)
+	}
+	p.relayAsync(app, up, func(res relay.Result) {
 		up.Close()
-		down.Close()
+		app.Close()
 		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
 		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
 	})

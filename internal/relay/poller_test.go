@@ -24,11 +24,23 @@ func newPoller(t *testing.T) *Poller {
 	return p
 }
 
+// adopt takes c over into p; the poller's Close closes it at the end.
+func adopt(t *testing.T, p *Poller, c *net.TCPConn) *Socket {
+	t.Helper()
+	s, err := p.Adopt(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // waitFor polls cond for up to 5 s (the poller's work is asynchronous).
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); !cond(); {
 		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Logf("goroutines:\n%s", buf[:runtime.Stack(buf, true)])
 			t.Fatalf("not done in 5 s: %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -49,7 +61,7 @@ func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
 		client, a := testutil.TCPPair(t)
 		b, server := testutil.TCPPair(t)
 		pairs[i] = pair{client, server}
-		p.Go(a, b, func(r Result) { done <- r })
+		Go(adopt(t, p, a), adopt(t, p, b), func(r Result) { done <- r })
 	}
 	waitFor(t, "every direction waiting in the set", func() bool { return p.Waiting() == 2*n })
 	if g := runtime.NumGoroutine() - before; g > 10 {
@@ -92,29 +104,29 @@ func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
 	}
 }
 
-// A relay whose sockets are closed under it (a policy change) ends when
-// the closer calls abort first: its result says closed, and done runs once.
-func TestPollerAbort(t *testing.T) {
+// A relay whose sockets are closed under it (a policy change) ends: its
+// result says closed, done runs once, and the set lets both go.
+func TestSocketCloseEndsParkedRelay(t *testing.T) {
 	p := newPoller(t)
 	_, a := testutil.TCPPair(t)
 	b, _ := testutil.TCPPair(t)
+	sa, sb := adopt(t, p, a), adopt(t, p, b)
 	done := make(chan Result, 2)
-	rl := p.Go(a, b, func(r Result) { done <- r })
+	Go(sa, sb, func(r Result) { done <- r })
 	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
-	rl.Abort()
-	a.Close()
-	b.Close()
+	sa.Close()
+	sb.Close()
 	select {
 	case r := <-done:
 		if !errors.Is(r.ErrAToB, net.ErrClosed) || !errors.Is(r.ErrBToA, net.ErrClosed) {
-			t.Fatalf("aborted relay's result: %+v", r)
+			t.Fatalf("closed relay's result: %+v", r)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("aborted relay never ended")
+		t.Fatal("closed relay never ended")
 	}
 	noSecondResult(t, done)
-	if w := p.Waiting(); w != 0 {
-		t.Errorf("%d left in the set", w)
+	if w, n := p.Waiting(), p.Sockets(); w != 0 || n != 0 {
+		t.Errorf("%d directions waiting, %d sockets left in the set", w, n)
 	}
 }
 
@@ -128,7 +140,7 @@ func TestPollerCloseEndsWaitingRelays(t *testing.T) {
 	_, a := testutil.TCPPair(t)
 	b, _ := testutil.TCPPair(t)
 	done := make(chan Result, 1)
-	p.Go(a, b, func(r Result) { done <- r })
+	Go(adopt(t, p, a), adopt(t, p, b), func(r Result) { done <- r })
 	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
@@ -141,19 +153,16 @@ func TestPollerCloseEndsWaitingRelays(t *testing.T) {
 	default:
 		t.Fatal("Close returned before the waiting relay's done ran")
 	}
-	c, d := testutil.TCPPair(t)
-	p.Go(c, d, func(r Result) { done <- r })
-	select {
-	case r := <-done:
-		if !errors.Is(r.Err(), net.ErrClosed) {
-			t.Fatalf("relay on a closed poller: %+v", r)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("relay on a closed poller never ended")
+	c, _ := testutil.TCPPair(t)
+	if _, err := p.Adopt(c); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("adopt by a closed poller: %v", err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatalf("a socket the closed poller refused is not left as it was: %v", err)
 	}
 }
 
-// Data, half-closes, aborts and closes at random moments, many relays at
+// Data, half-closes and closes at random moments, many relays at
 // once (run with -race): every relay ends exactly once, and the set is
 // empty afterwards. A stale or lost entry would show as a hang here.
 func TestPollerChurn(t *testing.T) {
@@ -164,13 +173,14 @@ func TestPollerChurn(t *testing.T) {
 	for i := range n {
 		client, a := testutil.TCPPair(t)
 		b, server := testutil.TCPPair(t)
+		sa, sb := adopt(t, p, a), adopt(t, p, b)
 		wg.Add(1)
-		rl := p.Go(a, b, func(r Result) {
+		Go(sa, sb, func(r Result) {
 			if _, dup := ended.LoadOrStore(i, true); dup {
 				t.Errorf("relay %d ended twice", i)
 			}
-			a.Close()
-			b.Close()
+			sa.Close()
+			sb.Close()
 			wg.Done()
 		})
 		go func() {
@@ -182,10 +192,9 @@ func TestPollerChurn(t *testing.T) {
 			go io.Copy(io.Discard, server)
 			go io.Copy(io.Discard, client)
 			switch rnd.IntN(3) {
-			case 0: // the policy way: abort, then close
-				rl.Abort()
-				a.Close()
-				b.Close()
+			case 0: // the policy way: the proxy closes both sockets
+				sa.Close()
+				sb.Close()
 			case 1: // both ends half-close
 				client.CloseWrite()
 				server.CloseWrite()
@@ -208,8 +217,8 @@ func TestPollerChurn(t *testing.T) {
 		}
 		t.Fatalf("%d of %d relays never ended", left, n)
 	}
-	if w := p.Waiting(); w != 0 {
-		t.Errorf("%d left in the set", w)
+	if w, n := p.Waiting(), p.Sockets(); w != 0 || n != 0 {
+		t.Errorf("%d directions waiting, %d sockets left in the set", w, n)
 	}
 }
 
@@ -219,11 +228,9 @@ func TestPollerBusyDirectionStaysOut(t *testing.T) {
 	p := newPoller(t)
 	client, a := testutil.TCPPair(t)
 	b, server := testutil.TCPPair(t)
-	p.Go(a, b, func(Result) {})
+	Go(adopt(t, p, a), adopt(t, p, b), func(Result) {})
 	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
-	p.mu.Lock()
-	before := p.arms
-	p.mu.Unlock()
+	before := p.parks.Load()
 	// 600 ms of a message every 20 ms: six lingers' worth.
 	buf := make([]byte, 16)
 	for range 30 {
@@ -235,13 +242,11 @@ func TestPollerBusyDirectionStaysOut(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	p.mu.Lock()
-	during := p.arms - before
-	p.mu.Unlock()
+	during := p.parks.Load() - before
 	// The first message took the direction out of the set; it must not
 	// have gone back while messages kept coming (it used to, every linger).
 	if during > 0 {
-		t.Errorf("a busy direction went back to the set %d times in 600 ms", during)
+		t.Errorf("a busy direction parked %d times in 600 ms", during)
 	}
 	// Quiet again: back in the set after a linger.
 	waitFor(t, "the quiet direction back in the set", func() bool { return p.Waiting() == 2 })
@@ -254,7 +259,7 @@ func TestRelayReadsDoNotAllocate(t *testing.T) {
 	p := newPoller(t)
 	client, a := testutil.TCPPair(t)
 	b, server := testutil.TCPPair(t)
-	p.Go(a, b, func(Result) {})
+	Go(adopt(t, p, a), adopt(t, p, b), func(Result) {})
 	buf := make([]byte, 4)
 	trip := func() {
 		if _, err := client.Write([]byte("ping")); err != nil {

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,22 +50,39 @@ func Bidirectional(a, b Conn) Result {
 
 // Go runs Bidirectional in new goroutines and returns at once; done gets
 // the result, called from the goroutine that finishes last. A direction
-// from an HBONE stream to a socket holds no goroutine while idle. The copy
-// runs on fresh small stacks: a caller that did deep work first (a policy
-// check, a dial, a TLS handshake) does not keep its grown stack for the
-// connection's life, which for thousands of idle connections is most of a
-// proxy's memory.
-func Go(a, b Conn, done func(Result)) { start(nil, a, b, done) }
+// from a Socket (Poller.Adopt) or an HBONE stream holds no goroutine while
+// idle. The copy runs on fresh small stacks: a caller that did deep work
+// first (a policy check, a dial, a TLS handshake) does not keep its grown
+// stack for the connection's life, which for thousands of idle
+// connections is most of a proxy's memory. To end a relay early, close a
+// and b: a Socket's Close ends a direction parked on it too.
+func Go(a, b Conn, done func(Result)) {
+	rl := &state{done: done}
+	rl.left.Store(2)
+	for dir, d := range [2]struct{ dst, src Conn }{{b, a}, {a, b}} {
+		if s, ok := d.src.(*Socket); ok {
+			ir := &rl.read
+			if ir.rl != nil { // taken by the first direction
+				ir = new(idleRead)
+			}
+			*ir = idleRead{rl: rl, dst: d.dst, src: s, dir: dir}
+			ir.start() // no goroutine until there is data (now, or later)
+			continue
+		}
+		n, err := rl.r.of(dir)
+		oneWayGo(rl, d.dst, d.src, n, err)
+	}
+}
 
-// Relay is one relay's state, in one allocation (a node proxy holds
+// state is one relay's state, in one allocation (a node proxy holds
 // thousands): the result, how many directions still run, and the state of
-// the directions that wait in a Poller.
-type Relay struct {
-	r     Result
-	left  atomic.Int32
-	done  func(Result)
-	read  idleRead  // the first direction from a socket (a proxy has one: its other side is a stream)
-	read2 *idleRead // the second, socket to socket only
+// a direction from a Socket (a proxy has one; a second, socket to socket,
+// is allocated apart).
+type state struct {
+	r    Result
+	left atomic.Int32
+	done func(Result)
+	read idleRead
 }
 
 // of returns where a direction's count and error go: 0 is a → b.
@@ -78,33 +94,10 @@ func (r *Result) of(dir int) (*int64, *error) {
 }
 
 // finish ends one direction; the last one reports.
-func (rl *Relay) finish() {
+func (rl *state) finish() {
 	if rl.left.Add(-1) == 0 {
 		rl.done(rl.r)
 	}
-}
-
-// start begins both directions: a socket source waits in p's set when p
-// is not nil, any other in a goroutine or its source's own callback.
-func start(p *Poller, a, b Conn, done func(Result)) *Relay {
-	rl := &Relay{done: done}
-	rl.left.Store(2)
-	for dir, d := range [2]struct{ dst, src Conn }{{b, a}, {a, b}} {
-		ir := &rl.read
-		if ir.p != nil { // taken by the first direction
-			ir = new(idleRead)
-		}
-		if p.initIdleRead(ir, rl, dir, d.dst, d.src) {
-			if ir != &rl.read {
-				rl.read2 = ir
-			}
-			ir.arm() // no goroutine until there is data (now, or later)
-			continue
-		}
-		n, err := rl.r.of(dir)
-		oneWayGo(rl, d.dst, d.src, n, err)
-	}
-	return rl
 }
 
 // asyncSource can copy to a socket with no goroutine while idle
@@ -117,7 +110,7 @@ type asyncSource interface {
 // and error and finishes the direction: from a goroutine of its own, or,
 // for an asyncSource, from the source's goroutine that runs only when
 // there is something to write.
-func oneWayGo(rl *Relay, dst, src Conn, n *int64, err *error) {
+func oneWayGo(rl *state, dst, src Conn, n *int64, err *error) {
 	if as, ok := src.(asyncSource); ok && as.WriteToAsync(dst, func(m int64, e error) {
 		*n, *err = m, closeWrite(dst, e)
 		rl.finish()
@@ -175,7 +168,7 @@ func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, 
 	var total int64
 	sr := newSocketReader(rc)
 	for {
-		bp, n, err := sr.read(true)
+		bp, n, err := sr.read()
 		if err != nil {
 			return total, err // closed, a deadline, or the read's error
 		}
@@ -196,19 +189,18 @@ func copyWhenReadable(dst io.Writer, src io.Reader, rc syscall.RawConn) (int64, 
 // results) cost four allocations per read, ~130 per MiB relayed. A
 // direction makes one per spell of activity, so an idle one holds none.
 type socketReader struct {
-	rc   syscall.RawConn
-	bp   *[]byte
-	n    int
-	err  error
-	wait bool
-	fn   func(fd uintptr) bool
+	rc  syscall.RawConn
+	bp  *[]byte
+	n   int
+	err error
+	fn  func(fd uintptr) bool
 }
 
 func newSocketReader(rc syscall.RawConn) *socketReader {
 	r := &socketReader{rc: rc}
 	r.fn = func(fd uintptr) bool {
 		r.bp, r.n, r.err = readPooled(fd)
-		if r.err == unix.EAGAIN && r.wait {
+		if r.err == unix.EAGAIN {
 			bufPool.Put(r.bp)
 			r.bp = nil
 			return false // wait in the poller, holding nothing
@@ -218,19 +210,15 @@ func newSocketReader(rc syscall.RawConn) *socketReader {
 	return r
 }
 
-// read makes one read. With wait, an empty socket is waited on in the
-// runtime's poller (until any read deadline); without, it reports EAGAIN.
-// EOF is (nil, 0, nil).
-func (r *socketReader) read(wait bool) (*[]byte, int, error) {
-	r.bp, r.n, r.err, r.wait = nil, 0, nil, wait
+// read makes one read; an empty socket is waited on in the runtime's
+// poller (until any read deadline). EOF is (nil, 0, nil).
+func (r *socketReader) read() (*[]byte, int, error) {
+	r.bp, r.n, r.err = nil, 0, nil
 	err := r.rc.Read(r.fn)
 	bp, n := r.bp, r.n
 	r.bp = nil
 	if err == nil && r.err != nil {
-		err = r.err
-		if r.err != unix.EAGAIN {
-			err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", r.err)}
-		}
+		err = opError("read", r.err)
 	}
 	if err != nil || n <= 0 {
 		if bp != nil {

@@ -11,8 +11,8 @@ import (
 	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
-// runners are the two ways to relay, each run to its end: goroutines
-// (Bidirectional) and the poller's idle wait.
+// runners are the two ways to relay, each run to its end: goroutines over
+// net.TCPConns (Bidirectional), and Sockets adopted by a poller.
 func runners(t *testing.T) map[string]func(a, b Conn) Result {
 	p, err := NewPoller()
 	if err != nil {
@@ -21,9 +21,9 @@ func runners(t *testing.T) map[string]func(a, b Conn) Result {
 	t.Cleanup(func() { p.Close() })
 	return map[string]func(a, b Conn) Result{
 		"goroutines": Bidirectional,
-		"poller": func(a, b Conn) Result {
+		"sockets": func(a, b Conn) Result {
 			done := make(chan Result, 1)
-			p.Go(a, b, func(r Result) { done <- r })
+			Go(adopt(t, p, a.(*net.TCPConn)), adopt(t, p, b.(*net.TCPConn)), func(r Result) { done <- r })
 			return <-done
 		},
 	}

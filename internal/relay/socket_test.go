@@ -1,0 +1,185 @@
+package relay
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/internal/testutil"
+	"golang.org/x/sys/unix"
+)
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// Adopting moves the descriptor: the TCPConn is closed, the Socket carries
+// the bytes both ways, and closing it leaves no descriptor behind.
+func TestAdoptMovesTheDescriptor(t *testing.T) {
+	p := newPoller(t)
+	peer, c := testutil.TCPPair(t)
+	before := openFDs(t)
+	s := adopt(t, p, c)
+	if got := openFDs(t); got != before {
+		t.Errorf("open descriptors: %d after adopting, %d before", got, before)
+	}
+	if _, err := c.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the adopted TCPConn still writes: %v", err)
+	}
+	if _, err := s.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("peer read %q, %v", buf, err)
+	}
+	peer.Write([]byte("pong"))
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "pong" {
+		t.Fatalf("socket read %q, %v", buf, err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := peer.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("after CloseWrite the peer read %d, %v; want EOF", n, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := openFDs(t); got != before-1 {
+		t.Errorf("open descriptors: %d after Close, want %d", got, before-1)
+	}
+	if p.Sockets() != 0 {
+		t.Errorf("%d sockets left in the set", p.Sockets())
+	}
+	if _, err := s.Read(buf); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("read after Close: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+// Close wakes a reader waiting for data and a writer waiting for room.
+func TestSocketCloseWakesWaiters(t *testing.T) {
+	p := newPoller(t)
+	_, c := testutil.TCPPair(t)
+	s := adopt(t, p, c)
+	errs := make(chan error, 2)
+	go func() {
+		_, err := s.Read(make([]byte, 10))
+		errs <- err
+	}()
+	go func() {
+		// The peer reads nothing: this fills both socket buffers and waits.
+		_, err := s.Write(make([]byte, 64<<20))
+		errs <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	s.Close()
+	for range 2 {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, net.ErrClosed) {
+				t.Errorf("waiter woke with %v, want net.ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a waiter never woke after Close")
+		}
+	}
+}
+
+// A write larger than the socket's buffers waits for room, edge by edge,
+// and every byte arrives.
+func TestSocketWriteWaitsForRoom(t *testing.T) {
+	p := newPoller(t)
+	peer, c := testutil.TCPPair(t)
+	s := adopt(t, p, c)
+	msg := make([]byte, 16<<20)
+	for i := range msg {
+		msg[i] = byte(i * 7)
+	}
+	werr := make(chan error, 1)
+	go func() {
+		n, err := s.Write(msg)
+		if err == nil && n != len(msg) {
+			err = io.ErrShortWrite
+		}
+		s.CloseWrite()
+		werr <- err
+	}()
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-werr; err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(msg) {
+		t.Fatalf("peer read %d of %d bytes", len(got), len(msg))
+	}
+	for i := range got {
+		if got[i] != msg[i] {
+			t.Fatalf("byte %d differs", i)
+		}
+	}
+}
+
+// An edge and the linger's timer at the same moment: whichever wait
+// reports, neither is lost. (A wait that took the edge after its timer
+// fired once reported only the edge; the direction then waited with a
+// spent timer and never parked.)
+func TestSocketWaitLosesNeitherEdgeNorTimeout(t *testing.T) {
+	p := newPoller(t)
+	_, c := testutil.TCPPair(t)
+	s := adopt(t, p, c)
+	timer := time.NewTimer(time.Hour)
+	outcomes := map[bool]int{}
+	for i := range 500 {
+		timer.Reset(time.Duration(20+i%40) * time.Microsecond)
+		sent := make(chan struct{})
+		go func() {
+			time.Sleep(time.Duration(20+(i*7)%40) * time.Microsecond)
+			if r := s.event(unix.EPOLLIN); r != nil {
+				t.Error("an event started a direction that was never parked")
+			}
+			close(sent)
+		}()
+		first := s.wait(false, timer)
+		if first != nil && first != errTimeout {
+			t.Fatal(first)
+		}
+		<-sent
+		outcomes[first == errTimeout]++
+		// Timed out: the edge must still be there. Woken: the timer must
+		// still fire. Either way the next wait returns.
+		second := make(chan error, 1)
+		go func() { second <- s.wait(false, timer) }()
+		select {
+		case err := <-second:
+			if first == errTimeout && err != nil {
+				t.Fatalf("round %d: the edge that came with the timeout was lost (%v)", i, err)
+			}
+			if first == nil && err != nil && err != errTimeout {
+				t.Fatalf("round %d: %v", i, err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("round %d: after a %v wait the next one never returned", i, first)
+		}
+		timer.Stop()
+		s.mu.Lock()
+		s.rready = false
+		s.mu.Unlock()
+	}
+	t.Logf("timeouts first: %d, edges first: %d", outcomes[true], outcomes[false])
+}
