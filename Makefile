@@ -24,7 +24,8 @@ FUZZ_TARGETS := \
 	./internal/hbone:FuzzServerFrames \
 	./internal/config:FuzzParse \
 	./internal/socks5:FuzzHandshake \
-	./internal/trace:FuzzDecodeTCP
+	./internal/trace:FuzzDecodeTCP \
+	./internal/xds:FuzzDeltaMessages
 
 FORTIO_VERSION ?= v1.68.2
 GOBIN ?= $(shell $(GO) env GOPATH)/bin

@@ -12,10 +12,8 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/workload"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	wapi "istio.io/istio/pkg/workloadapi"
 	sapi "istio.io/istio/pkg/workloadapi/security"
 )
@@ -33,12 +31,13 @@ type Client struct {
 	Log   *slog.Logger
 
 	mu       sync.Mutex
-	state    map[string]map[string]resource // type -> name -> resource
+	state    map[string]map[string]held // type -> name -> resource
 	acked    map[string]bool
 	lastNACK string
 }
 
-type resource struct {
+// held is a resource the client holds, converted.
+type held struct {
 	version string
 	w       *workload.Workload
 	s       *workload.Service
@@ -66,7 +65,7 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 	c.mu.Lock()
 	if c.state == nil {
-		c.state = map[string]map[string]resource{AddressType: {}, AuthorizationType: {}}
+		c.state = map[string]map[string]held{AddressType: {}, AuthorizationType: {}}
 		c.acked = map[string]bool{}
 	}
 	c.mu.Unlock()
@@ -93,11 +92,10 @@ func (c *Client) Run(ctx context.Context) error {
 func (c *Client) session(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(c.Conn).DeltaAggregatedResources(ctx)
+	stream, err := openADS(ctx, c.Conn)
 	if err != nil {
 		return err
 	}
-	node := &corev3.Node{Id: c.NodeID}
 	for _, typ := range []string{AddressType, AuthorizationType} {
 		c.mu.Lock()
 		have := map[string]string{}
@@ -106,24 +104,24 @@ func (c *Client) session(ctx context.Context) error {
 		}
 		c.mu.Unlock()
 		// No names to subscribe: a wildcard subscription.
-		if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{Node: node, TypeUrl: typ, InitialResourceVersions: have}); err != nil {
+		if err := send(stream, &deltaRequest{nodeID: c.NodeID, typeURL: typ, initial: have}); err != nil {
 			return err
 		}
 	}
 	for {
-		resp, err := stream.Recv()
-		if err != nil {
+		var resp deltaResponse
+		if err := recv(stream, &resp); err != nil {
 			return err
 		}
-		ack := &discoverygrpc.DeltaDiscoveryRequest{Node: node, TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
-		if err := c.handle(resp); err != nil {
-			ack.ErrorDetail = &statuspb.Status{Code: 3, Message: err.Error()} // INVALID_ARGUMENT
+		ack := &deltaRequest{nodeID: c.NodeID, typeURL: resp.typeURL, nonce: resp.nonce}
+		if err := c.handle(&resp); err != nil {
+			ack.errorDetail = &rpcStatus{code: 3, message: err.Error()} // INVALID_ARGUMENT
 			c.mu.Lock()
 			c.lastNACK = err.Error()
 			c.mu.Unlock()
-			c.Log.Warn("xds push rejected (NACK); keeping the last good config", "type", resp.GetTypeUrl(), "err", err)
+			c.Log.Warn("xds push rejected (NACK); keeping the last good config", "type", resp.typeURL, "err", err)
 		}
-		if err := stream.Send(ack); err != nil {
+		if err := send(stream, ack); err != nil {
 			return err
 		}
 	}
@@ -131,32 +129,32 @@ func (c *Client) session(ctx context.Context) error {
 
 // handle applies one push to a copy of the state; only a push that
 // converts, fits together and is applied replaces the state.
-func (c *Client) handle(resp *discoverygrpc.DeltaDiscoveryResponse) error {
-	typ := resp.GetTypeUrl()
+func (c *Client) handle(resp *deltaResponse) error {
+	typ := resp.typeURL
 	if typ != AddressType && typ != AuthorizationType {
 		return fmt.Errorf("unknown type %s", typ)
 	}
 	c.mu.Lock()
-	next := map[string]map[string]resource{}
+	next := map[string]map[string]held{}
 	for t, m := range c.state {
-		cp := make(map[string]resource, len(m))
+		cp := make(map[string]held, len(m))
 		for k, v := range m {
 			cp[k] = v
 		}
 		next[t] = cp
 	}
 	c.mu.Unlock()
-	for _, name := range resp.GetRemovedResources() {
+	for _, name := range resp.removed {
 		delete(next[typ], name)
 	}
 	var errs []error
-	for _, r := range resp.GetResources() {
-		var res resource
+	for _, r := range resp.resources {
+		var res held
 		var err error
 		switch typ {
 		case AddressType:
 			var a wapi.Address
-			if err = r.GetResource().UnmarshalTo(&a); err == nil {
+			if err = r.unmarshalBody(typ, &a); err == nil {
 				switch {
 				case a.GetWorkload() != nil:
 					res.w, err = WorkloadFromProto(a.GetWorkload())
@@ -168,16 +166,16 @@ func (c *Client) handle(resp *discoverygrpc.DeltaDiscoveryResponse) error {
 			}
 		case AuthorizationType:
 			var p sapi.Authorization
-			if err = r.GetResource().UnmarshalTo(&p); err == nil {
+			if err = r.unmarshalBody(typ, &p); err == nil {
 				res.p, err = PolicyFromProto(&p)
 			}
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", r.GetName(), err))
+			errs = append(errs, fmt.Errorf("%s: %w", r.name, err))
 			continue
 		}
-		res.version = r.GetVersion()
-		next[typ][r.GetName()] = res
+		res.version = r.version
+		next[typ][r.name] = res
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err
@@ -198,7 +196,19 @@ func (c *Client) handle(resp *discoverygrpc.DeltaDiscoveryResponse) error {
 	return nil
 }
 
-func build(st map[string]map[string]resource) (*workload.Index, error) {
+// unmarshalBody decodes the resource's body into m, which must be of the
+// push's type.
+func (r *resource) unmarshalBody(typ string, m proto.Message) error {
+	switch {
+	case !r.hasBody:
+		return errors.New("resource has no body")
+	case r.bodyType != typ:
+		return fmt.Errorf("resource of type %q in a push of %s", r.bodyType, typ)
+	}
+	return proto.Unmarshal(r.body, m)
+}
+
+func build(st map[string]map[string]held) (*workload.Index, error) {
 	var ws []*workload.Workload
 	var ss []*workload.Service
 	var ps []*authz.Policy

@@ -11,12 +11,10 @@ import (
 	"sync"
 
 	"github.com/ambitmesh/ambit/internal/workload"
-	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // Server serves the mesh over delta ADS. It is written here rather than
@@ -24,7 +22,7 @@ import (
 // config type (listeners, routes, clusters...) into the one ambit binary,
 // and their initialisation alone cost each ambit process, node proxies
 // included, 3 MB of resident code and 0.7 MB of heap (docs/benchmarks.md).
-// Only the message types are shared with go-control-plane.
+// The messages are encoded by hand too (wire.go).
 //
 // Each resource's version is a digest of its encoding, so versions survive
 // a control-plane restart and a client that reconnects with what it holds
@@ -38,7 +36,7 @@ type Server struct {
 	ctx context.Context
 
 	mu      sync.Mutex
-	res     map[string]map[string]*discoverygrpc.Resource // type -> name -> resource
+	res     map[string]map[string]*resource // type -> name -> resource
 	streams map[*deltaStream]struct{}
 }
 
@@ -50,14 +48,27 @@ func NewServer(ctx context.Context, log *slog.Logger) *Server {
 	return &Server{
 		log:     log,
 		ctx:     ctx,
-		res:     map[string]map[string]*discoverygrpc.Resource{AddressType: {}, AuthorizationType: {}},
+		res:     map[string]map[string]*resource{AddressType: {}, AuthorizationType: {}},
 		streams: map[*deltaStream]struct{}{},
 	}
 }
 
-// Register adds the ADS service to a gRPC server.
+// Register adds the ADS service to a gRPC server: the delta stream, and
+// the state-of-the-world one refused as unimplemented.
 func (s *Server) Register(g *grpc.Server) {
-	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, ads{s})
+	g.RegisterService(&grpc.ServiceDesc{
+		ServiceName: adsService,
+		HandlerType: (*any)(nil),
+		Streams: []grpc.StreamDesc{
+			{StreamName: "DeltaAggregatedResources", ServerStreams: true, ClientStreams: true,
+				Handler: func(_ any, stream grpc.ServerStream) error { return s.serve(stream) }},
+			{StreamName: "StreamAggregatedResources", ServerStreams: true, ClientStreams: true,
+				Handler: func(any, grpc.ServerStream) error {
+					return status.Error(codes.Unimplemented, "ambit serves delta ADS only (DeltaAggregatedResources)")
+				}},
+		},
+		Metadata: "envoy/service/discovery/v3/ads.proto",
+	}, s)
 }
 
 // SetIndex publishes a new view of the mesh: changed resources go out with
@@ -82,7 +93,7 @@ func (s *Server) SetIndex(ix *workload.Index) error {
 	if err != nil {
 		return err
 	}
-	s.set(map[string]map[string]*discoverygrpc.Resource{AddressType: a, AuthorizationType: p})
+	s.set(map[string]map[string]*resource{AddressType: a, AuthorizationType: p})
 	return nil
 }
 
@@ -96,37 +107,33 @@ func (s *Server) Publish(typeURL string, resources map[string]proto.Message) err
 	if err != nil {
 		return err
 	}
-	s.set(map[string]map[string]*discoverygrpc.Resource{typeURL: r})
+	s.set(map[string]map[string]*resource{typeURL: r})
 	return nil
 }
 
 // encode wraps each message for the wire, versioned by its digest.
-func encode(typeURL string, msgs map[string]proto.Message) (map[string]*discoverygrpc.Resource, error) {
-	out := make(map[string]*discoverygrpc.Resource, len(msgs))
+func encode(typeURL string, msgs map[string]proto.Message) (map[string]*resource, error) {
+	out := make(map[string]*resource, len(msgs))
 	for name, m := range msgs {
 		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
 		if err != nil {
 			return nil, fmt.Errorf("xds: encode %s %s: %w", typeURL, name, err)
 		}
 		sum := sha256.Sum256(b)
-		out[name] = &discoverygrpc.Resource{
-			Name:     name,
-			Version:  hex.EncodeToString(sum[:8]),
-			Resource: &anypb.Any{TypeUrl: typeURL, Value: b},
-		}
+		out[name] = &resource{name: name, version: hex.EncodeToString(sum[:8]), hasBody: true, bodyType: typeURL, body: b}
 	}
 	return out, nil
 }
 
 // set replaces the resources of the given types and wakes every stream.
-func (s *Server) set(now map[string]map[string]*discoverygrpc.Resource) {
+func (s *Server) set(now map[string]map[string]*resource) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for typ, rs := range now {
 		prev := s.res[typ]
 		updated, removed := 0, 0
 		for name, r := range rs {
-			if old, ok := prev[name]; !ok || old.Version != r.Version {
+			if old, ok := prev[name]; !ok || old.version != r.version {
 				updated++
 			}
 		}
@@ -146,17 +153,6 @@ func (s *Server) set(now map[string]map[string]*discoverygrpc.Resource) {
 		default: // already woken
 		}
 	}
-}
-
-// ads is the gRPC face of Server; only the delta stream is served.
-type ads struct{ s *Server }
-
-func (ads) StreamAggregatedResources(discoverygrpc.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
-	return status.Error(codes.Unimplemented, "ambit serves delta ADS only (DeltaAggregatedResources)")
-}
-
-func (a ads) DeltaAggregatedResources(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
-	return a.s.serve(stream)
 }
 
 // deltaStream is one client's subscription.
@@ -188,7 +184,7 @@ type subscription struct {
 
 func (sub *subscription) wants(name string) bool { return sub.wildcard || sub.names[name] }
 
-func (s *Server) serve(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
+func (s *Server) serve(stream grpc.ServerStream) error {
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
 	st := &deltaStream{wake: make(chan struct{}, 1), types: map[string]*subscription{}}
@@ -201,12 +197,15 @@ func (s *Server) serve(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggr
 		s.mu.Unlock()
 	}()
 
-	reqs := make(chan *discoverygrpc.DeltaDiscoveryRequest)
+	reqs := make(chan *deltaRequest)
 	recvErr := make(chan error, 1)
 	go func() { // ends when the stream does: Recv fails once ctx is done
 		for {
-			req, err := stream.Recv()
-			if err != nil {
+			req := &deltaRequest{}
+			if err := recv(stream, req); err != nil {
+				if _, ok := status.FromError(err); !ok {
+					err = status.Error(codes.InvalidArgument, err.Error()) // ours: the request did not decode
+				}
 				recvErr <- err
 				return
 			}
@@ -243,12 +242,12 @@ func (s *Server) serve(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggr
 
 // request applies one client request: a new or changed subscription, or
 // the answer to a push.
-func (st *deltaStream) request(log *slog.Logger, req *discoverygrpc.DeltaDiscoveryRequest) error {
-	typ := req.GetTypeUrl()
+func (st *deltaStream) request(log *slog.Logger, req *deltaRequest) error {
+	typ := req.typeURL
 	if typ != AddressType && typ != AuthorizationType {
 		return status.Errorf(codes.InvalidArgument, "unknown type %q (served: %s, %s)", typ, AddressType, AuthorizationType)
 	}
-	if id := req.GetNode().GetId(); id != "" {
+	if id := req.nodeID; id != "" {
 		st.node = id
 	}
 	sub := st.types[typ]
@@ -256,16 +255,16 @@ func (st *deltaStream) request(log *slog.Logger, req *discoverygrpc.DeltaDiscove
 		// The first request of a type: a subscription with no names is a
 		// wildcard; what the client already holds needs no resend.
 		sub = &subscription{names: map[string]bool{}, held: map[string]string{}, absent: map[string]bool{}, first: true}
-		sub.wildcard = len(req.GetResourceNamesSubscribe()) == 0
-		for name, v := range req.GetInitialResourceVersions() {
+		sub.wildcard = len(req.subscribe) == 0
+		for name, v := range req.initial {
 			sub.held[name] = v
 		}
 		st.types[typ] = sub
 	}
-	if len(req.GetResourceNamesSubscribe())+len(req.GetResourceNamesUnsubscribe()) > 0 {
+	if len(req.subscribe)+len(req.unsubscribe) > 0 {
 		sub.nacked = false
 	}
-	for _, name := range req.GetResourceNamesSubscribe() {
+	for _, name := range req.subscribe {
 		if name == "*" {
 			sub.wildcard = true
 			continue
@@ -275,7 +274,7 @@ func (st *deltaStream) request(log *slog.Logger, req *discoverygrpc.DeltaDiscove
 			sub.absent[name] = true // cleared if it exists when pushed
 		}
 	}
-	for _, name := range req.GetResourceNamesUnsubscribe() {
+	for _, name := range req.unsubscribe {
 		if name == "*" {
 			sub.wildcard = false
 		}
@@ -285,10 +284,10 @@ func (st *deltaStream) request(log *slog.Logger, req *discoverygrpc.DeltaDiscove
 			delete(sub.held, name)
 		}
 	}
-	if n := req.GetResponseNonce(); n != "" && n == sub.inflight {
-		if d := req.GetErrorDetail(); d != nil {
+	if n := req.nonce; n != "" && n == sub.inflight {
+		if d := req.errorDetail; d != nil {
 			// The client kept what it held; held stays as it was.
-			log.Warn("proxy rejected a push (NACK)", "node", st.node, "type", typ, "nonce", n, "error", d.GetMessage())
+			log.Warn("proxy rejected a push (NACK)", "node", st.node, "type", typ, "nonce", n, "error", d.message)
 			sub.nacked = true
 		} else {
 			sub.held = sub.pending
@@ -300,7 +299,7 @@ func (st *deltaStream) request(log *slog.Logger, req *discoverygrpc.DeltaDiscove
 
 // push sends each type whose subscription differs from what the client
 // holds, unless a push of that type is still unanswered.
-func (s *Server) push(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggregatedResourcesServer, st *deltaStream) error {
+func (s *Server) push(stream grpc.ServerStream, st *deltaStream) error {
 	for _, typ := range []string{AddressType, AuthorizationType} {
 		sub := st.types[typ]
 		if sub == nil || sub.inflight != "" || sub.nacked {
@@ -308,38 +307,38 @@ func (s *Server) push(stream discoverygrpc.AggregatedDiscoveryService_DeltaAggre
 		}
 		s.mu.Lock()
 		cur := s.res[typ]
-		resp := &discoverygrpc.DeltaDiscoveryResponse{TypeUrl: typ}
+		resp := &deltaResponse{typeURL: typ}
 		next := make(map[string]string, len(cur))
 		for name, r := range cur {
 			if !sub.wants(name) {
 				continue
 			}
-			next[name] = r.Version
+			next[name] = r.version
 			delete(sub.absent, name)
-			if sub.held[name] != r.Version {
-				resp.Resources = append(resp.Resources, r)
+			if sub.held[name] != r.version {
+				resp.resources = append(resp.resources, r)
 			}
 		}
 		s.mu.Unlock()
 		for name := range sub.held {
 			if _, ok := next[name]; !ok {
-				resp.RemovedResources = append(resp.RemovedResources, name)
+				resp.removed = append(resp.removed, name)
 			}
 		}
 		for name := range sub.absent {
 			if _, held := sub.held[name]; !held {
-				resp.RemovedResources = append(resp.RemovedResources, name)
+				resp.removed = append(resp.removed, name)
 			}
 		}
 		sub.absent = map[string]bool{}
-		if len(resp.Resources) == 0 && len(resp.RemovedResources) == 0 && !sub.first {
+		if len(resp.resources) == 0 && len(resp.removed) == 0 && !sub.first {
 			continue
 		}
 		sub.first = false
 		st.nonce++
-		resp.Nonce = strconv.Itoa(st.nonce)
-		sub.inflight, sub.pending = resp.Nonce, next
-		if err := stream.Send(resp); err != nil {
+		resp.nonce = strconv.Itoa(st.nonce)
+		sub.inflight, sub.pending = resp.nonce, next
+		if err := send(stream, resp); err != nil {
 			return fmt.Errorf("xds: send %s to %s: %w", typ, st.node, err)
 		}
 	}
