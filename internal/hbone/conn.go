@@ -26,14 +26,16 @@ import (
 // PING and GOAWAY, and the stream is a byte pipe with half-close in both
 // directions, which a generic HTTP/2 server cannot give a handler.
 //
-// Two goroutines own it: readLoop (frames in; on a server, the goroutine
-// that accepted the connection) and writeLoop (frames out); a client's
-// keepalive is a timer (pingFired). All end when the connection closes. Whoever holds
-// the write token (conn.writing) is the only writer of the socket: usually
-// writeLoop, but a Stream.Write that finds the connection idle takes the
-// token and writes its DATA itself, sparing two goroutine hand-offs per
-// chunk (see docs/benchmarks.md). readLoop never takes it: it only queues,
-// so a reader never waits on a writer.
+// One goroutine owns it while it lives: readLoop (frames in; on a server,
+// the goroutine that accepted the connection). Frames out are written by
+// whoever holds the write token (conn.writing), the only writer of the
+// socket: a Stream.Write that finds the connection idle takes it and
+// writes its DATA itself, sparing two goroutine hand-offs per chunk (see
+// docs/benchmarks.md); frames queued while nobody holds it start a writer
+// goroutine (writeQueued) that drains the queue and ends, so an idle
+// connection holds no writer and its stack. readLoop never takes the
+// token: it only queues, so a reader never waits on a writer. A client's
+// keepalive is a timer (pingFired). All end when the connection closes.
 type conn struct {
 	nc     net.Conn
 	tls    tls.ConnectionState
@@ -60,16 +62,17 @@ type conn struct {
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
 	done        chan struct{}
-	writeDone   chan struct{}
+	writeDone   chan struct{} // closed once wclosed and every queued frame is out
 	wg          sync.WaitGroup
 
-	mu      sync.Mutex
-	wcond   sync.Cond // writeLoop waits on it for frames
-	wq      []outFrame
-	wspare  []outFrame
-	wclosed bool  // no more frames will be queued; writeLoop drains and ends
-	writing bool  // the write token is taken (by writeLoop or a Stream.Write)
-	werr    error // the first write error; nothing is written after it
+	mu       sync.Mutex
+	wq       []outFrame
+	wspare   []outFrame
+	started  bool  // start or serve ran: writers may run
+	wclosed  bool  // no more frames will be queued
+	writing  bool  // the write token is taken (by writeQueued or a Stream.Write)
+	wdrained bool  // writeDone is closed
+	werr     error // the first write error; nothing is written after it
 
 	henc *hpack.Encoder
 	hbuf bytes.Buffer
@@ -145,7 +148,6 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 		c.peer = peerID(c.tls)
 		c.cork, _ = tc.NetConn().(*corkConn)
 	}
-	c.wcond.L = &c.mu
 	// Writes gather in a buffer borrowed only while the write token is held
 	// (takeWriter), so an idle connection holds no write buffer. Reads
 	// come straight from the TLS connection, which holds the decrypted
@@ -189,7 +191,7 @@ func (c *conn) readPeerSettings(deadline time.Time) error {
 
 // start runs the connection's goroutines.
 func (c *conn) start() {
-	c.startWriter()
+	c.begin()
 	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.readLoop() }()
 }
@@ -199,25 +201,27 @@ func (c *conn) start() {
 // connection goroutine would otherwise only wait, keeping the stack its
 // TLS handshake grew, beside a second goroutine growing one for reading.
 func (c *conn) serve() {
-	c.startWriter()
+	c.begin()
 	c.readLoop()
 	c.wait()
 }
 
-func (c *conn) startWriter() {
-	c.wg.Add(1)
-	go func() { defer c.wg.Done(); c.writeLoop() }()
-	if c.client {
-		c.mu.Lock()
-		if !c.closed {
-			c.pingTimer = time.AfterFunc(c.cfg.PingInterval, c.pingFired)
-		}
-		c.mu.Unlock()
+// begin lets writers run, starting one for the frames queued at set-up
+// (our SETTINGS first), and a client's keepalive timer.
+func (c *conn) begin() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.started = true
+	c.kickLocked()
+	if c.client && !c.closed {
+		c.pingTimer = time.AfterFunc(c.cfg.PingInterval, c.pingFired)
 	}
 }
 
-// queue appends a frame for writeLoop. c.mu must be held. It never blocks,
-// so readLoop can answer PINGs and SETTINGS while a writer waits on the socket.
+// queue appends a frame for the token holder, starting a writer if nobody
+// holds the token (a holder drains the queue before it lets go). c.mu must
+// be held. It never blocks, so readLoop can answer PINGs and SETTINGS while
+// a writer waits on the socket.
 func (c *conn) queue(f outFrame) {
 	if c.wclosed {
 		if f.done != nil {
@@ -226,8 +230,36 @@ func (c *conn) queue(f outFrame) {
 		return
 	}
 	c.wq = append(c.wq, f)
-	if len(c.wq) == 1 && !c.writing {
-		c.wcond.Signal() // a token holder drains the queue before it lets go
+	c.kickLocked()
+}
+
+// kickLocked starts a writer for queued frames when nobody holds the
+// token. On a closed connection none starts: the frames fail. c.mu must be
+// held.
+func (c *conn) kickLocked() {
+	switch {
+	case c.writing:
+		return // the holder drains the queue before it lets go
+	case !c.started && !c.closed:
+		return // begin kicks
+	case len(c.wq) > 0 && c.closed:
+		err := c.errLocked()
+		for i := range c.wq {
+			if c.wq[i].done != nil {
+				c.wq[i].done <- err
+			}
+			c.wq[i] = outFrame{}
+		}
+		c.wq = c.wq[:0]
+	case len(c.wq) > 0:
+		c.writing = true
+		c.wg.Add(1) // not after wait: closed is set before anyone waits
+		go c.writeQueued()
+		return
+	}
+	if c.wclosed && !c.wdrained {
+		c.wdrained = true
+		close(c.writeDone)
 	}
 }
 
@@ -238,26 +270,14 @@ func (c *conn) errLocked() error {
 	return ErrConnClosed
 }
 
-// writeLoop writes queued frames whenever no Stream.Write holds the write
-// token. It takes every queued frame at once, writes them and flushes once,
-// so streams that write together share TLS records and syscalls.
-func (c *conn) writeLoop() {
-	defer close(c.writeDone)
-	for {
-		c.mu.Lock()
-		for c.writing || (len(c.wq) == 0 && !c.wclosed) {
-			c.wcond.Wait()
-		}
-		if len(c.wq) == 0 {
-			// Closed, and every holder flushed before it let go.
-			c.mu.Unlock()
-			return
-		}
-		c.writing = true
-		c.mu.Unlock()
-		c.takeWriter()
-		c.release(c.drain(0))
-	}
+// writeQueued writes the queued frames as the token holder (kickLocked
+// gave it the token) and ends. It takes every queued frame at once, writes
+// them and flushes once, so streams that write together share TLS records
+// and syscalls.
+func (c *conn) writeQueued() {
+	defer c.wg.Done()
+	c.takeWriter()
+	c.release(c.drain(0))
 }
 
 // bwPool holds the write buffers of connections not writing at the moment.
@@ -290,7 +310,7 @@ func (c *conn) tryTakeWriter() bool {
 }
 
 // maxDrainRounds bounds how long a Stream.Write holding the token serves
-// other streams' frames before it hands the rest to writeLoop.
+// other streams' frames before it hands the rest to a writer goroutine.
 const maxDrainRounds = 4
 
 // drain writes queued frames and flushes, as the token holder, until the
@@ -339,7 +359,7 @@ func (c *conn) drain(rounds int) error {
 	return werr
 }
 
-// release gives the write token back, waking writeLoop if frames came in
+// release gives the write token back, starting a writer if frames came in
 // meanwhile, and closes the connection after a write error.
 func (c *conn) release(werr error) {
 	c.bw.Reset(nil)
@@ -350,9 +370,7 @@ func (c *conn) release(werr error) {
 	}
 	c.mu.Lock()
 	c.writing = false
-	if len(c.wq) > 0 || c.wclosed {
-		c.wcond.Broadcast()
-	}
+	c.kickLocked()
 	c.mu.Unlock()
 	if werr != nil {
 		c.closeWithError(fmt.Errorf("hbone: write: %w", werr))
@@ -1009,7 +1027,7 @@ func (c *conn) closeGracefully(reason error) {
 		return
 	}
 	c.wclosed = true
-	c.wcond.Broadcast()
+	c.kickLocked() // writeDone, if nothing is left to write
 	c.mu.Unlock()
 	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 	select {
@@ -1036,7 +1054,7 @@ func (c *conn) closeWithError(err error) {
 	}
 	c.mu.Lock()
 	c.wclosed = true
-	c.wcond.Broadcast()
+	c.kickLocked() // fails what is queued, unless a holder is writing it
 	c.stopIdleLocked()
 	if c.pingTimer != nil {
 		c.pingTimer.Stop()
