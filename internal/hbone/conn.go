@@ -72,6 +72,7 @@ type conn struct {
 	wclosed  bool          // no more frames will be queued
 	writing  bool          // the write token is taken (by writeQueued or a Stream.Write)
 	writer   bool          // a writeQueued goroutine runs (writing, or lingering)
+	kicked   bool          // kickLocked handed the lingering writer the token
 	wkick    chan struct{} // hands a lingering writer the token
 	wdrained bool          // writeDone is closed
 	werr     error         // the first write error; nothing is written after it
@@ -257,6 +258,7 @@ func (c *conn) kickLocked() {
 	case len(c.wq) > 0:
 		c.writing = true
 		if c.writer { // lingering: hand it the token
+			c.kicked = true
 			c.wkick <- struct{}{} // never blocks: one kick per hand-over
 			return
 		}
@@ -299,19 +301,23 @@ func (c *conn) writeQueued() {
 		t.Reset(writerLinger)
 		select {
 		case <-c.wkick:
-			continue // kickLocked set writing for us
 		case <-t.C:
 		case <-c.done:
 		}
 		c.mu.Lock()
-		if c.writing { // handed the token just now
+		if !c.kicked {
+			// Nothing was handed over: end. The token may be held all the
+			// same, by a Stream.Write that took it directly.
+			c.writer = false
 			c.mu.Unlock()
-			<-c.wkick
-			continue
+			return
 		}
-		c.writer = false
+		c.kicked = false
+		select {
+		case <-c.wkick: // the timer or the close won the race with the kick
+		default: // taken above
+		}
 		c.mu.Unlock()
-		return
 	}
 }
 
