@@ -38,11 +38,8 @@ type Stream struct {
 	wEOF        bool // END_STREAM queued
 	reset       bool
 	removed     bool
-	closed      bool // Close called
-	rdeadline   time.Time
-	wdeadline   time.Time
-	rtimer      *time.Timer
-	wtimer      *time.Timer
+	closed      bool          // Close called
+	dl          *deadlines    // nil until a deadline is set: most streams never have one
 	direct      *directWriter // WriteTo's socket, for the reader's direct writes
 	sinkBusy    bool          // the reader is writing to direct
 	wtBusy      bool          // WriteTo is writing a chunk
@@ -122,7 +119,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 		if s.rerr != nil {
 			return 0, s.rerr
 		}
-		if expired(s.rdeadline) {
+		if s.dl.expired(false) {
 			return 0, os.ErrDeadlineExceeded
 		}
 		s.cond.Wait()
@@ -182,7 +179,7 @@ func (s *Stream) sinkStateLocked() (ready, end bool, err error) {
 		return false, true, nil
 	case s.rerr != nil:
 		return false, true, s.rerr
-	case expired(s.rdeadline):
+	case s.dl.expired(false):
 		return false, true, os.ErrDeadlineExceeded
 	}
 	return false, false, nil
@@ -391,7 +388,7 @@ func (s *Stream) writeErrLocked() error {
 			return s.rerr
 		}
 		return &ResetError{Code: http2.ErrCodeCancel}
-	case expired(s.wdeadline):
+	case s.dl.expired(true):
 		return os.ErrDeadlineExceeded
 	}
 	return nil
@@ -451,11 +448,12 @@ func (s *Stream) Close() error {
 		s.rbuf.reset()
 		c.creditConnLocked(int64(n))
 	}
-	if s.rtimer != nil {
-		s.rtimer.Stop()
-	}
-	if s.wtimer != nil {
-		s.wtimer.Stop()
+	if s.dl != nil {
+		for _, t := range []*time.Timer{s.dl.rt, s.dl.wt} {
+			if t != nil {
+				t.Stop()
+			}
+		}
 	}
 	s.wakeLocked()
 	return nil
@@ -473,21 +471,50 @@ func (s *Stream) SetDeadline(t time.Time) error {
 
 // SetReadDeadline makes a blocked or future Read fail at t.
 func (s *Stream) SetReadDeadline(t time.Time) error {
-	s.setDeadline(&s.rdeadline, &s.rtimer, t)
+	s.setDeadline(false, t)
 	return nil
 }
 
 // SetWriteDeadline makes a Write waiting for window fail at t. A frame
 // already handed to the connection is written regardless.
 func (s *Stream) SetWriteDeadline(t time.Time) error {
-	s.setDeadline(&s.wdeadline, &s.wtimer, t)
+	s.setDeadline(true, t)
 	return nil
 }
 
-func (s *Stream) setDeadline(d *time.Time, timer **time.Timer, t time.Time) {
+// deadlines are a stream's, kept apart: 64 bytes that 10,000 idle streams
+// would hold for nothing (and that took the stream a size class up).
+type deadlines struct {
+	r, w   time.Time
+	rt, wt *time.Timer
+}
+
+// expired reports whether the write (or read) deadline has passed; a nil
+// d has none.
+func (d *deadlines) expired(write bool) bool {
+	if d == nil {
+		return false
+	}
+	if write {
+		return expired(d.w)
+	}
+	return expired(d.r)
+}
+
+func (s *Stream) setDeadline(write bool, t time.Time) {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if s.dl == nil {
+		if t.IsZero() {
+			return // none set, none to clear
+		}
+		s.dl = &deadlines{}
+	}
+	d, timer := &s.dl.r, &s.dl.rt
+	if write {
+		d, timer = &s.dl.w, &s.dl.wt
+	}
 	*d = t
 	if *timer != nil {
 		(*timer).Stop()

@@ -84,7 +84,7 @@ func (p *Proxy) servePlaintextInbound(l net.Listener) {
 // returns true once the connection is handed to the relay, which closes it.
 func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	ix := p.index.Load()
-	tc := &telemetry.Conn{Direction: "inbound", Src: in.src, SrcIdentity: in.peer, Dst: in.target,
+	tc := &telemetry.Conn{Direction: telemetry.Inbound, Src: in.src, SrcIdentity: in.peer, Dst: in.target,
 		DstHBONE: in.hboneAddr, MTLS: !in.peer.IsZero(), Start: time.Now()}
 	tc.SrcWorkload = ix.WorkloadByAddr(p.network(), in.src.Addr())
 	fail := func(status int, flag string, err error) {

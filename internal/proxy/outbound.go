@@ -188,7 +188,7 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	ix := p.index.Load()
 	from := netip.MustParseAddrPort(down.RemoteAddr().String())
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-	tc := &telemetry.Conn{Direction: "outbound", Src: from, Dst: dst, Start: time.Now()}
+	tc := &telemetry.Conn{Direction: telemetry.Outbound, Src: from, Dst: dst, Start: time.Now()}
 	fail := func(code byte, flag string, err error) {
 		if reply != nil {
 			reply(code, netip.AddrPort{})

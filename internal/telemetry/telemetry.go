@@ -28,9 +28,27 @@ const (
 	FlagPolicyClose = "DENY_LATE" // closed by a policy change while open
 )
 
-// Conn is one proxied connection as telemetry sees it.
+// Direction says which way a proxy carries a connection.
+type Direction uint8
+
+const (
+	Outbound Direction = iota // from a local workload
+	Inbound                   // to a local workload
+)
+
+func (d Direction) String() string {
+	if d == Inbound {
+		return "inbound"
+	}
+	return "outbound"
+}
+
+// Conn is one proxied connection as telemetry sees it. A node proxy holds
+// one per live connection: it is kept to 248 bytes (the 256-byte size
+// class; a string direction took it to 288).
 type Conn struct {
-	Direction   string // "outbound" or "inbound"
+	Direction   Direction
+	MTLS        bool
 	Src         netip.AddrPort
 	SrcWorkload *workload.Workload
 	SrcIdentity identity.ID
@@ -39,12 +57,11 @@ type Conn struct {
 	DstWorkload *workload.Workload
 	DstService  *workload.Service
 	DstIdentity identity.ID
-	MTLS        bool
 	Start       time.Time
 }
 
 func (c *Conn) reporter() string {
-	if c.Direction == "inbound" {
+	if c.Direction == Inbound {
 		return "destination"
 	}
 	return "source"
@@ -211,7 +228,7 @@ func LogConn(log *slog.Logger, c *Conn, sent, recv int64, flags string, err erro
 		attrs = append(attrs, slog.String("dst.identity", c.DstIdentity.String()))
 	}
 	attrs = append(attrs,
-		slog.String("direction", c.Direction),
+		slog.String("direction", c.Direction.String()),
 		slog.Int64("bytes_sent", sent),
 		slog.Int64("bytes_recv", recv),
 		slog.String("duration", time.Since(c.Start).Round(time.Microsecond).String()),

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -18,7 +19,7 @@ import (
 func sample() *Conn {
 	client := &workload.Workload{Name: "client", Namespace: "default", CanonicalName: "client", CanonicalRevision: "v1", ClusterID: "Kubernetes"}
 	return &Conn{
-		Direction: "outbound", Src: netip.MustParseAddrPort("10.244.0.2:35888"), SrcWorkload: client,
+		Direction: Outbound, Src: netip.MustParseAddrPort("10.244.0.2:35888"), SrcWorkload: client,
 		SrcIdentity: identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "default"},
 		Dst:         netip.MustParseAddrPort("10.244.1.3:80"), DstHBONE: netip.MustParseAddrPort("10.244.1.3:15008"),
 		DstIdentity: identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "default"},
@@ -77,4 +78,12 @@ func TestMetricsLabels(t *testing.T) {
 	}
 	var nilM *Metrics
 	nilM.Opened(c) // a proxy without metrics
+}
+
+// A proxy holds one record per live connection: it stays in the 256-byte
+// size class.
+func TestConnFitsItsSizeClass(t *testing.T) {
+	if n := unsafe.Sizeof(Conn{}); n > 256 {
+		t.Errorf("telemetry.Conn is %d bytes, above the 256-byte size class", n)
+	}
 }
