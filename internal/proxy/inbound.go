@@ -16,6 +16,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -173,6 +174,7 @@ func transparent(network, address string, c syscall.RawConn) error {
 			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
 		}
 		_ = unix.SetsockoptInt(int(fd), level, opt, 1)
+		nsutil.NoPortAtBind(int(fd)) // it binds the client's address with port 0
 	})
 }
 
