@@ -320,20 +320,6 @@ func (s *Socket) CloseWrite() error {
 	return nil
 }
 
-// SetLinger is net.TCPConn's: with 0, Close sends a reset.
-func (s *Socket) SetLinger(sec int) error {
-	fd, err := s.acquire(nil)
-	if err != nil {
-		return err
-	}
-	defer s.release()
-	l := unix.Linger{Onoff: 1, Linger: int32(sec)}
-	if sec < 0 {
-		l = unix.Linger{}
-	}
-	return os.NewSyscallError("setsockopt", unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l))
-}
-
 // SyscallConn gives the descriptor to code that makes its own syscalls
 // (the HBONE stream's direct writes), with this socket's waits.
 func (s *Socket) SyscallConn() (syscall.RawConn, error) { return (*rawSocket)(s), nil }
