@@ -243,10 +243,6 @@ func writePooled(dst io.Writer, bp *[]byte, n int) (int, error) {
 // retried); the caller puts the buffer back.
 func readPooled(fd uintptr) (*[]byte, int, error) {
 	bp := bufPool.Get().(*[]byte)
-	for {
-		n, err := unix.Read(int(fd), *bp)
-		if err != unix.EINTR {
-			return bp, n, err
-		}
-	}
+	n, err := ignoringEINTR(func() (int, error) { return unix.Read(int(fd), *bp) })
+	return bp, n, err
 }

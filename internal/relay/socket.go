@@ -178,9 +178,7 @@ func (s *Socket) event(events uint32) *idleRead {
 	s.mu.Lock()
 	if events&readable != 0 {
 		switch {
-		case s.rwake != nil:
-			s.rwake <- struct{}{}
-			s.rwake = nil
+		case wakeLocked(&s.rwake):
 		case s.parked != nil:
 			start, s.parked = s.parked, nil
 			s.p.waiting.Add(-1)
@@ -188,16 +186,23 @@ func (s *Socket) event(events uint32) *idleRead {
 			s.rready = true
 		}
 	}
-	if events&writable != 0 {
-		if s.wwake != nil {
-			s.wwake <- struct{}{}
-			s.wwake = nil
-		} else {
-			s.wready = true
-		}
+	if events&writable != 0 && !wakeLocked(&s.wwake) {
+		s.wready = true
 	}
 	s.mu.Unlock()
 	return start
+}
+
+// wakeLocked wakes the waiter whose channel *w holds, if there is one, and
+// takes the channel from it. s.mu must be held (the sends are made under
+// it, which wait's timeout relies on).
+func wakeLocked(w *chan struct{}) bool {
+	if *w == nil {
+		return false
+	}
+	*w <- struct{}{} // never blocks: one send per wait
+	*w = nil
+	return true
 }
 
 // park leaves r waiting for the socket's next read edge with no goroutine,
@@ -229,12 +234,8 @@ func (s *Socket) Close() error {
 		return nil
 	}
 	s.closed = true
-	for _, w := range []*chan struct{}{&s.rwake, &s.wwake} {
-		if *w != nil {
-			*w <- struct{}{}
-			*w = nil
-		}
-	}
+	wakeLocked(&s.rwake)
+	wakeLocked(&s.wwake)
 	parked := s.parked
 	if parked != nil {
 		s.parked = nil
@@ -260,49 +261,39 @@ func (s *Socket) Close() error {
 
 // Read reads what the socket has, waiting for it if it has nothing.
 func (s *Socket) Read(b []byte) (int, error) {
-	for {
-		fd, err := s.acquire(&s.rready)
-		if err != nil {
-			return 0, err
-		}
-		n, err := ignoringEINTR(func() (int, error) { return unix.Read(fd, b) })
-		s.release()
-		switch {
-		case err == unix.EAGAIN:
-			if err := s.wait(false, nil); err != nil {
-				return 0, err
-			}
-		case err != nil:
-			return 0, opError("read", err)
-		case n == 0 && len(b) > 0:
-			return 0, io.EOF
-		default:
-			return n, nil
-		}
+	var n int
+	var err error
+	if rerr := s.raw(false, func(fd uintptr) bool {
+		n, err = ignoringEINTR(func() (int, error) { return unix.Read(int(fd), b) })
+		return err != unix.EAGAIN
+	}); rerr != nil {
+		return 0, rerr
 	}
+	switch {
+	case err != nil:
+		return 0, opError("read", err)
+	case n == 0 && len(b) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // Write writes all of b, waiting while the socket is full.
 func (s *Socket) Write(b []byte) (int, error) {
 	total := 0
 	for total < len(b) {
-		fd, err := s.acquire(&s.wready)
+		var n int
+		var err error
+		if rerr := s.raw(true, func(fd uintptr) bool {
+			n, err = ignoringEINTR(func() (int, error) { return unix.Write(int(fd), b[total:]) })
+			return err != unix.EAGAIN
+		}); rerr != nil {
+			return total, rerr
+		}
 		if err != nil {
-			return total, err
-		}
-		n, err := ignoringEINTR(func() (int, error) { return unix.Write(fd, b[total:]) })
-		s.release()
-		if n > 0 {
-			total += n
-		}
-		switch {
-		case err == unix.EAGAIN:
-			if err := s.wait(true, nil); err != nil {
-				return total, err
-			}
-		case err != nil:
 			return total, opError("write", err)
 		}
+		total += n
 	}
 	return total, nil
 }
