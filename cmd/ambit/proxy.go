@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -13,6 +14,8 @@ import (
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/memtrim"
+	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/proxy"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -25,6 +28,11 @@ import (
 // proxyGCPercent is the proxy's default GOGC; see docs/benchmarks.md for
 // what it buys (memory with 10,000 idle connections) and costs (CPU).
 const proxyGCPercent = 50
+
+// proxyFDTable is the descriptor table the proxy grows at start (capped by
+// its RLIMIT_NOFILE): room for ~16,000 relayed connections (two sockets
+// each) before the kernel grows it again.
+const proxyFDTable = 32768
 
 func newProxyCmd() *cobra.Command {
 	var (
@@ -83,6 +91,13 @@ costs little CPU and keeps the memory of idle connections down.`,
 				return fmt.Errorf("--log-format %q: want text or json", logFormat)
 			}
 			log := slog.New(h)
+			// Before the first connection: growing the table later stalls
+			// every thread opening a descriptor (see nsutil.GrowFDTable).
+			if n, err := nsutil.GrowFDTable(proxyFDTable); err != nil {
+				log.Warn("descriptor table not grown; bursts of connections may start extra threads", "err", err)
+			} else {
+				log.Debug("descriptor table grown", "slots", n)
+			}
 			var lip netip.Addr
 			if listenIP != "" {
 				var err error
@@ -90,7 +105,8 @@ costs little CPU and keeps the memory of idle connections down.`,
 					return fmt.Errorf("--listen-ip: %w", err)
 				}
 			}
-			ctx := cmd.Context()
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
 			var certs *identity.Manager
 			var initial *workload.Index
 			var watcher *config.Watcher
@@ -188,10 +204,14 @@ costs little CPU and keeps the memory of idle connections down.`,
 			} else {
 				done <- struct{}{}
 			}
+			trimmed := make(chan struct{})
+			go func() { defer close(trimmed); (&memtrim.Trimmer{Log: log}).Run(ctx) }()
 			log.Info("ambit proxy starting", "version", version, "config", cfgPath, "workload", wl, "node", node)
 			err = p.Run(ctx)
+			cancel() // a proxy that stopped on an error ends its helpers too
 			<-done
 			<-done
+			<-trimmed
 			return err
 		},
 	}

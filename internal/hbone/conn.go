@@ -758,7 +758,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		d := s.direct
 		s.sinkBusy = true
 		c.mu.Unlock()
-		n, err := d.write(data)
+		n, err := d.WriteNow(data)
 		c.mu.Lock()
 		s.sinkBusy = false
 		if err != nil {

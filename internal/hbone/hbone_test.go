@@ -769,16 +769,16 @@ func TestStreamWriteToAsync(t *testing.T) {
 		err error
 	}
 	done := make(chan result, 2)
-	if !st.WriteToAsync(sink, func(n int64, err error) { done <- result{n, err} }) {
+	if !st.WriteToAsync(sink, AsyncDoneFunc(func(n int64, err error) { done <- result{n, err} })) {
 		t.Fatal("WriteToAsync refused a TCP socket")
 	}
-	if st.WriteToAsync(sink, func(int64, error) {}) {
+	if st.WriteToAsync(sink, AsyncDoneFunc(func(int64, error) {})) {
 		t.Fatal("a second WriteToAsync on the same stream was taken")
 	}
 	parked := func() bool {
 		st.c.mu.Lock()
 		defer st.c.mu.Unlock()
-		return st.park != nil && !st.park.running
+		return st.park.w != nil && !st.park.running
 	}
 	var want []byte
 	far.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -878,10 +878,11 @@ func TestIdleConnectionHoldsOnlyItsReader(t *testing.T) {
 
 // A read deadline fails a waiting Read, and clearing it lets the stream
 // read again. The deadlines live apart from the stream (most streams never
-// have one), which keeps the stream in the 288-byte size class.
+// have one), which keeps the stream, WriteToAsync's state included, in the
+// 320-byte size class.
 func TestStreamReadDeadline(t *testing.T) {
-	if n := unsafe.Sizeof(Stream{}); n > 288 {
-		t.Errorf("Stream is %d bytes: above the 288-byte size class a node proxy holds 10,000 of", n)
+	if n := unsafe.Sizeof(Stream{}); n > 320 {
+		t.Errorf("Stream is %d bytes: above the 320-byte size class a node proxy holds 10,000 of", n)
 	}
 	ca := newCA(t)
 	m := newManager(t, ca, 0)

@@ -30,29 +30,30 @@ type Stream struct {
 	// Guarded by c.mu.
 	cond        sync.Cond
 	rbuf        recvBuf
-	reof        bool  // END_STREAM received
 	rerr        error // reset or connection error
 	recvWindow  int64
 	recvUnacked int64
 	sendWindow  int64
+	reof        bool // END_STREAM received
 	wEOF        bool // END_STREAM queued
 	reset       bool
 	removed     bool
-	closed      bool          // Close called
-	dl          *deadlines    // nil until a deadline is set: most streams never have one
-	direct      *directWriter // WriteTo's socket, for the reader's direct writes
-	sinkBusy    bool          // the reader is writing to direct
-	wtBusy      bool          // WriteTo is writing a chunk
-	sunk        int64         // bytes the reader wrote to direct
-	park        *parkedSink   // WriteToAsync's state
+	closed      bool       // Close called
+	dl          *deadlines // nil until a deadline is set: most streams never have one
+	direct      NowWriter  // WriteTo's socket, for the reader's direct writes
+	sinkBusy    bool       // the reader is writing to direct
+	wtBusy      bool       // WriteTo is writing a chunk
+	sunk        int64      // bytes the reader wrote to direct
+	park        parkedSink // WriteToAsync's state (in the stream: one allocation less per tunnel)
 
 	// Request (server side) or response (client side), fixed once set.
+	// (The bools sit together here and above: each alone took a word.)
 	method    string
 	authority string
-	extended  bool
 	header    http.Header
-	gotResp   bool
 	status    int // the CONNECT answer: received (client), given (server)
+	extended  bool
+	gotResp   bool
 	responded bool
 	reused    bool // client: the stream rode a pooled connection
 }
@@ -141,11 +142,9 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	var total int64
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if sc, ok := w.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			s.direct, s.sunk = newDirectWriter(rc), 0
-			defer func() { s.direct = nil }() // before the unlock: defers run last first
-		}
+	if d := nowWriterFor(w); d != nil {
+		s.direct, s.sunk = d, 0
+		defer func() { s.direct = nil }() // before the unlock: defers run last first
 	}
 	for {
 		switch ready, end, err := s.sinkStateLocked(); {
@@ -213,31 +212,41 @@ func (s *Stream) writeChunkLocked(w io.Writer) (int, error) {
 // socket, or to finish. done gets what WriteTo would return, once, from a
 // goroutine of the stream's own. It reports false, and does nothing, when
 // w is not a socket. An idle tunnel then costs no goroutine on this side.
-func (s *Stream) WriteToAsync(w io.Writer, done func(int64, error)) bool {
-	sc, ok := w.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
+func (s *Stream) WriteToAsync(w io.Writer, done AsyncDone) bool {
+	d := nowWriterFor(w)
+	if d == nil {
 		return false
 	}
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if s.direct != nil || s.park != nil {
+	if s.direct != nil || s.park.w != nil {
 		return false // a WriteTo is running
 	}
-	s.direct, s.sunk = newDirectWriter(rc), 0
-	s.park = &parkedSink{w: w, done: done}
+	s.direct, s.sunk = d, 0
+	s.park = parkedSink{w: w, done: done}
 	s.wakeLocked() // whatever is queued or ended already
 	return true
 }
 
-// parkedSink is WriteToAsync's state, guarded by c.mu.
+// AsyncDone is told the end of a WriteToAsync: what WriteTo would have
+// returned. An interface, so a relay's state can take it with no closure
+// allocated (and kept) per connection; an alias of the literal type, so
+// the relay can name it without importing this package.
+type AsyncDone = interface {
+	AsyncDone(n int64, err error)
+}
+
+// AsyncDoneFunc is a func as an AsyncDone.
+type AsyncDoneFunc func(n int64, err error)
+
+func (f AsyncDoneFunc) AsyncDone(n int64, err error) { f(n, err) }
+
+// parkedSink is WriteToAsync's state, guarded by c.mu; w is nil when no
+// WriteToAsync runs.
 type parkedSink struct {
 	w       io.Writer
-	done    func(int64, error)
+	done    AsyncDone
 	running bool // a drain goroutine is on it
 	total   int64
 }
@@ -247,7 +256,7 @@ type parkedSink struct {
 // goroutine. c.mu must be held.
 func (s *Stream) wakeLocked() {
 	s.cond.Broadcast()
-	if p := s.park; p != nil && !p.running {
+	if p := &s.park; p.w != nil && !p.running {
 		p.running = true
 		go s.drain(p)
 	}
@@ -273,16 +282,38 @@ func (s *Stream) drain(p *parkedSink) {
 			c.mu.Unlock()
 			return
 		}
-		total := p.total + s.sunk
-		s.park, s.direct = nil, nil
+		total, done := p.total+s.sunk, p.done
+		s.park, s.direct = parkedSink{}, nil
 		c.mu.Unlock()
-		p.done(total, err)
+		done.AsyncDone(total, err)
 		return
 	}
 }
 
-// directWriter is a stream's socket sink for the connection's reader: one
-// non-blocking write attempt, never a wait. Its callback is bound once.
+// NowWriter writes what a socket takes at once and never waits: 0 and no
+// error when it is full. A stream's reader writes arriving DATA to WriteTo's
+// socket with it (relay.Socket is one; any other socket is wrapped).
+type NowWriter interface {
+	WriteNow(p []byte) (int, error)
+}
+
+// nowWriterFor returns w's NowWriter: w itself, a wrapper of its
+// descriptor, or nil if w is not a socket.
+func nowWriterFor(w io.Writer) NowWriter {
+	if d, ok := w.(NowWriter); ok {
+		return d
+	}
+	if sc, ok := w.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return newDirectWriter(rc)
+		}
+	}
+	return nil
+}
+
+// directWriter is the NowWriter of a socket that has none: one
+// non-blocking write attempt through its RawConn, never a wait. Its
+// callback is bound once.
 type directWriter struct {
 	rc  syscall.RawConn
 	p   []byte
@@ -300,8 +331,8 @@ func newDirectWriter(rc syscall.RawConn) *directWriter {
 	return d
 }
 
-// write writes what the socket takes now; EAGAIN is no error (n is 0).
-func (d *directWriter) write(p []byte) (int, error) {
+// WriteNow writes what the socket takes now; EAGAIN is no error (n is 0).
+func (d *directWriter) WriteNow(p []byte) (int, error) {
 	d.p, d.n, d.err = p, 0, nil
 	if err := d.rc.Write(d.fn); err != nil {
 		return 0, err

@@ -124,19 +124,60 @@ func TestDialTCPHoldsNoThreadWhileConnecting(t *testing.T) {
 	}
 }
 
-func threads(t *testing.T) int {
+func threads(t *testing.T) int { return procStatus(t, "Threads") }
+
+// procStatus reads a number from /proc/self/status.
+func procStatus(t *testing.T, key string) int {
+	t.Helper()
 	b, err := os.ReadFile("/proc/self/status")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "Threads:"); ok {
+		if v, ok := strings.CutPrefix(l, key+":"); ok {
 			n, _ := strconv.Atoi(strings.TrimSpace(v))
 			return n
 		}
 	}
-	t.Fatal("no Threads line")
+	t.Fatalf("no %s line in /proc/self/status", key)
 	return 0
+}
+
+// GrowFDTable grows the kernel's table (FDSize) to the size asked and
+// leaves no descriptor open.
+func TestGrowFDTable(t *testing.T) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	want := 4096
+	if uint64(want) > lim.Cur {
+		t.Fatalf("the descriptor limit here is %d: too low for the test (and for a node proxy)", lim.Cur)
+	}
+	ents := func() int {
+		e, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(e)
+	}
+	before, open := procStatus(t, "FDSize"), ents()
+	if before >= want {
+		want = before * 4 // the test process grew it already: ask for more
+		if uint64(want) > lim.Cur {
+			t.Fatalf("the table holds %d already, and the limit (%d) leaves no room to grow it", before, lim.Cur)
+		}
+	}
+	got, err := nsutil.GrowFDTable(want)
+	if err != nil || got != want {
+		t.Fatalf("GrowFDTable(%d) = %d, %v", want, got, err)
+	}
+	if size := procStatus(t, "FDSize"); size < want {
+		t.Errorf("FDSize %d after growing to %d (was %d)", size, want, before)
+	}
+	if n := ents(); n != open {
+		t.Errorf("open descriptors %d, %d before", n, open)
+	}
 }
 
 // listenIn listens on 127.0.0.1 inside ns (its loopback, not the host's)

@@ -125,13 +125,45 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	}
 	select {
 	case peer := <-peers:
-		if !strings.HasPrefix(peer, "10.250.9.2:") {
-			t.Errorf("the server app saw %s, want the client pod's IP 10.250.9.2", peer)
+		if peer != c.LocalAddr().String() {
+			t.Errorf("the server app saw %s, want the client pod's own address and port %s", peer, c.LocalAddr())
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the app never accepted")
 	}
-	waitFor(t, "both access-log records", func() bool { return strings.Count(lb.String(), "connection complete") >= 2 })
+
+	// A client port the proxy cannot use where the app is (here something
+	// in the server pod listens on it): the connection still goes through,
+	// from the client's IP and another port.
+	var taken net.Listener
+	if err := nsutil.Do(serverNS, func() (err error) { taken, err = net.Listen("tcp", "0.0.0.0:0"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	takenPort := taken.Addr().(*net.TCPAddr).Port
+	var c2 net.Conn
+	if err := nsutil.Do(clientNS, func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(10, 250, 9, 2), Port: takenPort}}
+		c2, err = d.Dial("tcp", "10.250.9.3:80")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c2.SetDeadline(time.Now().Add(10 * time.Second))
+	back, err = roundTrip(c2.(*net.TCPConn), request)
+	c2.Close()
+	if err != nil || !bytes.Equal(back, request) {
+		t.Fatalf("from a client port taken in the server pod: %q, %v\nproxy log:\n%s", back, err, lb.String())
+	}
+	select {
+	case peer := <-peers:
+		if ap := netip.MustParseAddrPort(peer); ap.Addr() != netip.MustParseAddr("10.250.9.2") || int(ap.Port()) == takenPort {
+			t.Errorf("with the client's port %d taken, the server app saw %s; want 10.250.9.2 and another port", takenPort, peer)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the app never accepted the second connection")
+	}
+	waitFor(t, "both access-log records", func() bool { return strings.Count(lb.String(), "connection complete") >= 4 })
 	logs := lb.String()
 	for _, want := range []string{
 		"src.addr=10.250.9.2:", "dst.addr=10.250.9.3:80", "dst.hbone_addr=10.250.9.3:15008",

@@ -188,7 +188,8 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	ix := p.index.Load()
 	from := netip.MustParseAddrPort(down.RemoteAddr().String())
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-	tc := &telemetry.Conn{Direction: telemetry.Outbound, Src: from, Dst: dst, Start: time.Now()}
+	oc := &outConn{p: p, tc: telemetry.Conn{Direction: telemetry.Outbound, Src: from, Dst: dst, Start: time.Now()}}
+	tc := &oc.tc
 	fail := func(code byte, flag string, err error) {
 		if reply != nil {
 			reply(code, netip.AddrPort{})
@@ -243,13 +244,26 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	if c, ok := up.(*net.TCPConn); ok {
 		up = p.adopt(c)
 	}
-	p.relayAsync(app, up, func(res relay.Result) {
-		up.Close()
-		app.Close()
-		p.opts.Metrics.Closed(tc, res.AToB, res.BToA, telemetry.FlagNone)
-		telemetry.LogConn(p.alog, tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
-	})
+	oc.app, oc.up = app, up
+	p.relayAsync(app, up, oc)
 	return true
+}
+
+// outConn is an outbound connection while it is relayed: one object with
+// its telemetry record, the relay's Finisher (see liveConn).
+type outConn struct {
+	p       *Proxy
+	tc      telemetry.Conn
+	app, up upstream
+}
+
+// Finish closes both sides and reports the connection (relay.Finisher).
+func (c *outConn) Finish(res relay.Result) {
+	defer c.p.wg.Done()
+	c.up.Close()
+	c.app.Close()
+	c.p.opts.Metrics.Closed(&c.tc, res.AToB, res.BToA, telemetry.FlagNone)
+	telemetry.LogConn(c.p.alog, &c.tc, res.AToB, res.BToA, telemetry.FlagNone, relayErr(res))
 }
 
 // relayErr keeps what is worth logging of a relay's end: resets and

@@ -156,7 +156,21 @@ func (p *Proxy) dialFrom(ctx context.Context, src netip.Addr, dst netip.AddrPort
 // dial connects from the pod's namespace, marked and transparent, so from
 // may be an address that is not the pod's own (the client's, on the way in).
 func (pd *pod) dial(ctx context.Context, from, to netip.AddrPort) (*net.TCPConn, error) {
-	return nsutil.DialTCP(ctx, pd.ns, from, to, func(fd int) error { return markTransparent(fd, !to.Addr().Unmap().Is4()) })
+	return nsutil.DialTCP(ctx, pd.ns, from, to, func(fd int) error {
+		if from.Port() != 0 {
+			reuseAddr(fd)
+		}
+		return markTransparent(fd, !to.Addr().Unmap().Is4())
+	})
+}
+
+// reuseAddr lets a socket bind the client's address and port while another
+// of the proxy's sockets has them bound to a different destination (a
+// client may use one port for several); connect still refuses a four-tuple
+// in use. Best effort: without it such a bind fails and withClientPort
+// falls back to any port.
+func reuseAddr(fd int) {
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
 }
 
 // markAndTransparent is markTransparent as a dialer's or listener's Control.

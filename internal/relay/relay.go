@@ -56,8 +56,20 @@ func Bidirectional(a, b Conn) Result {
 // stack for the connection's life, which for thousands of idle
 // connections is most of a proxy's memory. To end a relay early, close a
 // and b: a Socket's Close ends a direction parked on it too.
-func Go(a, b Conn, done func(Result)) {
-	rl := &state{done: done}
+func Go(a, b Conn, done func(Result)) { GoFinisher(a, b, finishFunc(done)) }
+
+// A Finisher is told a relay's result (GoFinisher). A node proxy's record
+// of a connection takes it as a method, where a func would be a closure
+// allocated per connection and kept for its life.
+type Finisher interface{ Finish(Result) }
+
+type finishFunc func(Result)
+
+func (f finishFunc) Finish(r Result) { f(r) }
+
+// GoFinisher is Go reporting to f.
+func GoFinisher(a, b Conn, f Finisher) {
+	rl := &state{done: f}
 	rl.left.Store(2)
 	for dir, d := range [2]struct{ dst, src Conn }{{b, a}, {a, b}} {
 		if s, ok := d.src.(*Socket); ok {
@@ -69,20 +81,20 @@ func Go(a, b Conn, done func(Result)) {
 			ir.start() // no goroutine until there is data (now, or later)
 			continue
 		}
-		n, err := rl.r.of(dir)
-		oneWayGo(rl, d.dst, d.src, n, err)
+		oneWayGo(rl, d.dst, d.src, dir)
 	}
 }
 
 // state is one relay's state, in one allocation (a node proxy holds
-// thousands): the result, how many directions still run, and the state of
-// a direction from a Socket (a proxy has one; a second, socket to socket,
-// is allocated apart).
+// thousands): the result, how many directions still run, the state of a
+// direction from a Socket, and the end of a direction from an asyncSource
+// (a proxy's relay has one of each; a second of a kind is allocated apart).
 type state struct {
-	r    Result
-	left atomic.Int32
-	done func(Result)
-	read idleRead
+	r     Result
+	left  atomic.Int32
+	done  Finisher
+	read  idleRead
+	async asyncEnd
 }
 
 // of returns where a direction's count and error go: 0 is a → b.
@@ -96,27 +108,46 @@ func (r *Result) of(dir int) (*int64, *error) {
 // finish ends one direction; the last one reports.
 func (rl *state) finish() {
 	if rl.left.Add(-1) == 0 {
-		rl.done(rl.r)
+		rl.done.Finish(rl.r)
 	}
 }
 
 // asyncSource can copy to a socket with no goroutine while idle
 // (*hbone.Stream's WriteToAsync).
 type asyncSource interface {
-	WriteToAsync(w io.Writer, done func(int64, error)) bool
+	WriteToAsync(w io.Writer, done interface{ AsyncDone(n int64, err error) }) bool
+}
+
+// asyncEnd finishes a direction from an asyncSource (its AsyncDone).
+type asyncEnd struct {
+	rl  *state
+	dst Conn
+	dir int
+}
+
+func (a *asyncEnd) AsyncDone(m int64, e error) {
+	n, err := a.rl.r.of(a.dir)
+	*n, *err = m, closeWrite(a.dst, e)
+	a.rl.finish()
 }
 
 // oneWayGo copies src to dst and half-closes dst, then stores the count
 // and error and finishes the direction: from a goroutine of its own, or,
 // for an asyncSource, from the source's goroutine that runs only when
 // there is something to write.
-func oneWayGo(rl *state, dst, src Conn, n *int64, err *error) {
-	if as, ok := src.(asyncSource); ok && as.WriteToAsync(dst, func(m int64, e error) {
-		*n, *err = m, closeWrite(dst, e)
-		rl.finish()
-	}) {
-		return
+func oneWayGo(rl *state, dst, src Conn, dir int) {
+	if as, ok := src.(asyncSource); ok {
+		end := &rl.async
+		if end.rl != nil { // taken by the first direction
+			end = new(asyncEnd)
+		}
+		*end = asyncEnd{rl: rl, dst: dst, dir: dir}
+		if as.WriteToAsync(dst, end) {
+			return
+		}
+		*end = asyncEnd{}
 	}
+	n, err := rl.r.of(dir)
 	go func() {
 		*n, *err = oneWay(dst, src)
 		rl.finish()

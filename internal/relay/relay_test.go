@@ -7,6 +7,7 @@ import (
 	"net"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/ambitmesh/ambit/internal/testutil"
 )
@@ -164,5 +165,13 @@ func noSecondResult(t *testing.T, done <-chan Result) {
 	case r := <-done:
 		t.Fatalf("done called twice (second: %+v)", r)
 	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// A node proxy holds one relay state per connection for its life: both
+// directions' ends in it, in the 144-byte size class.
+func TestStateFitsItsSizeClass(t *testing.T) {
+	if n := unsafe.Sizeof(state{}); n > 144 {
+		t.Errorf("relay state is %d bytes, above the 144-byte size class", n)
 	}
 }

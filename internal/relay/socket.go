@@ -298,6 +298,25 @@ func (s *Socket) Write(b []byte) (int, error) {
 	return total, nil
 }
 
+// WriteNow writes what the socket takes now, and never waits: 0 and no
+// error when it is full (hbone.NowWriter: an HBONE stream's reader writes
+// arriving data to the socket with it, and queues what does not fit).
+func (s *Socket) WriteNow(b []byte) (int, error) {
+	fd, err := s.acquire(&s.wready)
+	if err != nil {
+		return 0, err
+	}
+	n, err := unix.Write(fd, b)
+	s.release()
+	switch err {
+	case nil:
+		return n, nil
+	case unix.EAGAIN, unix.EINTR:
+		return 0, nil
+	}
+	return 0, opError("write", err)
+}
+
 // CloseWrite shuts the sending half down: the peer reads EOF.
 func (s *Socket) CloseWrite() error {
 	fd, err := s.acquire(nil)

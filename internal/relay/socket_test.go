@@ -183,3 +183,34 @@ func TestSocketWaitLosesNeitherEdgeNorTimeout(t *testing.T) {
 	}
 	t.Logf("timeouts first: %d, edges first: %d", outcomes[true], outcomes[false])
 }
+
+// WriteNow takes what fits and never waits: a full socket is (0, nil), so
+// the HBONE stream's reader can queue the rest and read on; a closed one
+// is an error.
+func TestSocketWriteNowNeverWaits(t *testing.T) {
+	p := newPoller(t)
+	peer, c := testutil.TCPPair(t)
+	s := adopt(t, p, c)
+	chunk := make([]byte, 64<<10)
+	total, full := 0, false
+	// A WriteNow that waited would hang here: the peer reads nothing yet.
+	for i := 0; i < 4096 && !full; i++ { // 256 MiB at most: far above any socket buffer
+		n, err := s.WriteNow(chunk)
+		if err != nil {
+			t.Fatalf("WriteNow after %d bytes: %v", total, err)
+		}
+		total += n
+		full = n == 0
+	}
+	if !full {
+		t.Fatalf("WriteNow never found the socket full after %d bytes", total)
+	}
+	// The peer reads what was taken, byte for byte in count.
+	go func() { io.Copy(io.Discard, io.LimitReader(peer, int64(total))); peer.Close() }()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WriteNow([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("WriteNow on a closed Socket: %v, want net.ErrClosed", err)
+	}
+}
