@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net"
 	"net/http"
@@ -114,7 +115,10 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		fail(http.StatusUnauthorized, telemetry.FlagDeny, fmt.Errorf("denied: %s", d.Reason))
 		return false
 	}
-	p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
+	debug := p.log.Enabled(ctx, slog.LevelDebug) // the arguments below are strings made per connection
+	if debug {
+		p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
+	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	from := in.src
 	if !in.ownPort {
@@ -126,7 +130,9 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
 		return false
 	}
-	p.log.Debug("inbound upstream connected", "from", tcp.LocalAddr().String(), "to", tcp.RemoteAddr().String())
+	if debug {
+		p.log.Debug("inbound upstream connected", "from", tcp.LocalAddr().String(), "to", tcp.RemoteAddr().String())
+	}
 	up := p.adopt(tcp)
 	down, err := in.accept()
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
@@ -72,7 +73,45 @@ type Metrics struct {
 	reg                    *prometheus.Registry
 	opened, closed, failed *prometheus.CounterVec
 	sent, received         *prometheus.CounterVec
+
+	// A connection's counters, by what its labels are made of. Building
+	// the 23 labels took ~30 small allocations per call, twice per
+	// connection: in a burst of set-ups that garbage scattered the few
+	// long-lived objects made meanwhile (the HBONE connections' TLS
+	// state) over spans that then could not be given back.
+	mu     sync.Mutex
+	series map[seriesKey]*series
 }
+
+// seriesKey is what a connection's labels are made of: equal keys, equal
+// labels (workloads and services are immutable; a config change makes new
+// ones, hence new keys).
+type seriesKey struct {
+	dir          Direction
+	mtls         bool
+	srcW, dstW   *workload.Workload
+	dstSvc       *workload.Service
+	srcID, dstID identity.ID
+	dstAddr      netip.Addr // a label only when the destination has a workload and no service
+	flags        string
+}
+
+// series are one label set's counters, each made on first use (a series
+// that was never counted is not exported).
+type series [nVecs]prometheus.Counter
+
+const (
+	vecOpened = iota
+	vecClosed
+	vecFailed
+	vecSent
+	vecReceived
+	nVecs
+)
+
+// maxSeries bounds the cache: past it, it starts again empty (what an old
+// config's workloads keep alive is bounded too).
+const maxSeries = 4096
 
 var labelNames = []string{
 	"reporter",
@@ -93,6 +132,7 @@ func NewMetrics(version string) *Metrics {
 		return c
 	}
 	m := &Metrics{
+		series:   make(map[seriesKey]*series),
 		reg:      reg,
 		opened:   counter("istio_tcp_connections_opened_total", "TCP connections opened."),
 		closed:   counter("istio_tcp_connections_closed_total", "TCP connections closed."),
@@ -174,10 +214,34 @@ func peer(l prometheus.Labels, side string, w *workload.Workload, id identity.ID
 	l[side+"_cluster"] = v(w.ClusterID)
 }
 
+// counter returns c's counter of one vec, made and cached on first use.
+func (m *Metrics) counter(c *Conn, flags string, vec int) prometheus.Counter {
+	k := seriesKey{dir: c.Direction, mtls: c.MTLS, srcW: c.SrcWorkload, dstW: c.DstWorkload, dstSvc: c.DstService,
+		srcID: c.SrcIdentity, dstID: c.DstIdentity, flags: flags}
+	if c.DstService == nil && c.DstWorkload != nil {
+		k.dstAddr = c.Dst.Addr()
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.series[k]
+	if s == nil {
+		if len(m.series) >= maxSeries {
+			clear(m.series)
+		}
+		s = new(series)
+		m.series[k] = s
+	}
+	if s[vec] == nil {
+		v := [nVecs]*prometheus.CounterVec{m.opened, m.closed, m.failed, m.sent, m.received}[vec]
+		s[vec] = v.With(m.labels(c, flags))
+	}
+	return s[vec]
+}
+
 // Opened counts a connection that was accepted and is being served.
 func (m *Metrics) Opened(c *Conn) {
 	if m != nil {
-		m.opened.With(m.labels(c, FlagNone)).Inc()
+		m.counter(c, FlagNone, vecOpened).Inc()
 	}
 }
 
@@ -186,16 +250,15 @@ func (m *Metrics) Closed(c *Conn, sent, recv int64, flags string) {
 	if m == nil {
 		return
 	}
-	l := m.labels(c, flags)
-	m.closed.With(l).Inc()
-	m.sent.With(l).Add(float64(sent))
-	m.received.With(l).Add(float64(recv))
+	m.counter(c, flags, vecClosed).Inc()
+	m.counter(c, flags, vecSent).Add(float64(sent))
+	m.counter(c, flags, vecReceived).Add(float64(recv))
 }
 
 // Failed counts a connection refused or failed before it was opened.
 func (m *Metrics) Failed(c *Conn, flags string) {
 	if m != nil {
-		m.failed.With(m.labels(c, flags)).Inc()
+		m.counter(c, flags, vecFailed).Inc()
 	}
 }
 

@@ -87,3 +87,52 @@ func TestConnFitsItsSizeClass(t *testing.T) {
 		t.Errorf("telemetry.Conn is %d bytes, above the 256-byte size class", n)
 	}
 }
+
+// A connection's counters are found by what its labels are made of: a
+// warm one allocates nothing, a change of any of those makes its own
+// series with the right labels, an uncounted vec exports nothing, and the
+// cache stays bounded.
+func TestMetricsSeriesCache(t *testing.T) {
+	m := NewMetrics("1.2.3")
+	c := sample()
+	m.Opened(c)
+	if n := testing.AllocsPerRun(100, func() { m.Opened(c) }); n != 0 {
+		t.Errorf("Opened on a known series allocates %.1f times", n)
+	}
+	if v := testutil.ToFloat64(m.opened.With(m.labels(c, FlagNone))); v != 102 { // AllocsPerRun runs it once more to warm up
+		t.Errorf("opened %v, want 102", v)
+	}
+	if n := testutil.CollectAndCount(m.failed); n != 0 {
+		t.Errorf("%d failed series exported before any failure", n)
+	}
+	// Another destination workload, same everything else: its own series.
+	d := *c
+	d.DstWorkload = &workload.Workload{Name: "server", Namespace: "prod", ClusterID: "Kubernetes"}
+	d.Dst = netip.MustParseAddrPort("10.244.1.9:80")
+	m.Opened(&d)
+	if v := testutil.ToFloat64(m.opened.With(m.labels(&d, FlagNone))); v != 1 {
+		t.Errorf("opened for the other workload %v, want 1", v)
+	}
+	if l := m.labels(&d, FlagNone); l["destination_workload"] != "server" || l["destination_service"] != "10.244.1.9" {
+		t.Errorf("labels of the other workload: %v", l)
+	}
+	// The address is a label only without a service: two addresses of one
+	// workload with no service are two series.
+	e := d
+	e.Dst = netip.MustParseAddrPort("10.244.1.10:80")
+	m.Opened(&e)
+	if v := testutil.ToFloat64(m.opened.With(m.labels(&d, FlagNone))); v != 1 {
+		t.Errorf("opened for 10.244.1.9 %v after one to 10.244.1.10, want 1", v)
+	}
+	for i := 0; i < maxSeries+10; i++ {
+		f := *c
+		f.SrcIdentity.ServiceAccount = "sa" + strings.Repeat("x", i%7) + string(rune('a'+i%26)) + string(rune('a'+i/26%26)) + string(rune('a'+i/676))
+		m.Opened(&f)
+	}
+	m.mu.Lock()
+	n := len(m.series)
+	m.mu.Unlock()
+	if n > maxSeries {
+		t.Errorf("the series cache holds %d entries, above its bound %d", n, maxSeries)
+	}
+}
