@@ -75,36 +75,57 @@ func NewNamed(name string) (netns.NsHandle, error) {
 // keeps its namespace, and the wait for the connect is the runtime
 // poller's. ctx bounds the connect.
 func DialTCP(ctx context.Context, ns netns.NsHandle, laddr, raddr netip.AddrPort, setup func(fd int) error) (*net.TCPConn, error) {
-	opErr := func(op string, err error) error {
-		var src net.Addr
-		if laddr.IsValid() {
-			src = net.TCPAddrFromAddrPort(laddr)
-		}
-		if op != "" {
-			err = os.NewSyscallError(op, err)
-		}
-		return &net.OpError{Op: "dial", Net: "tcp", Source: src, Addr: net.TCPAddrFromAddrPort(raddr), Err: err}
+	fd, sa, err := BoundTCP(ns, laddr, raddr, setup)
+	if err != nil {
+		return nil, err
 	}
+	// The file owns fd from here: closing it closes the socket.
+	f := os.NewFile(uintptr(fd), "tcp "+raddr.String())
+	defer f.Close() // net.FileConn below made its own copy
+	switch err := unix.Connect(fd, sa); err {
+	case nil:
+	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+		if err := waitConnected(ctx, f); err != nil {
+			return nil, dialError(laddr, raddr, "", err)
+		}
+	default:
+		return nil, dialError(laddr, raddr, "connect", err)
+	}
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, dialError(laddr, raddr, "", err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, dialError(laddr, raddr, "", fmt.Errorf("not a TCP connection: %T", c))
+	}
+	return tc, nil
+}
+
+// BoundTCP is DialTCP up to the connect: a non-blocking TCP socket made
+// in ns, with setup applied and bound to laddr if it is valid, and the
+// address to connect it to. The caller owns fd (a relay.Poller connects
+// it and waits in its own set, with none of the runtime's state for it).
+func BoundTCP(ns netns.NsHandle, laddr, raddr netip.AddrPort, setup func(fd int) error) (int, unix.Sockaddr, error) {
 	family := unix.AF_INET
 	if !raddr.Addr().Unmap().Is4() {
 		family = unix.AF_INET6
 	}
 	if laddr.IsValid() && laddr.Addr().Unmap().Is4() != (family == unix.AF_INET) {
-		return nil, opErr("", fmt.Errorf("source %s and destination are not of one address family", laddr.Addr()))
+		return -1, nil, dialError(laddr, raddr, "", fmt.Errorf("source %s and destination are not of one address family", laddr.Addr()))
 	}
 	fd := -1
 	if err := Do(ns, func() (err error) {
 		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		return err
 	}); err != nil {
-		return nil, opErr("socket", err)
+		return -1, nil, dialError(laddr, raddr, "socket", err)
 	}
-	// The file owns fd from here: closing it closes the socket.
-	f := os.NewFile(uintptr(fd), "tcp "+raddr.String())
-	defer f.Close() // net.FileConn below made its own copy
 	if setup != nil {
 		if err := setup(fd); err != nil {
-			return nil, opErr("", err)
+			unix.Close(fd)
+			return -1, nil, dialError(laddr, raddr, "", err)
 		}
 	}
 	if laddr.IsValid() {
@@ -112,28 +133,23 @@ func DialTCP(ctx context.Context, ns netns.NsHandle, laddr, raddr netip.AddrPort
 			NoPortAtBind(fd)
 		}
 		if err := unix.Bind(fd, sockaddr(family, laddr)); err != nil {
-			return nil, opErr("bind", err)
+			unix.Close(fd)
+			return -1, nil, dialError(laddr, raddr, "bind", err)
 		}
 	}
-	switch err := unix.Connect(fd, sockaddr(family, raddr)); err {
-	case nil:
-	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
-		if err := waitConnected(ctx, f); err != nil {
-			return nil, opErr("", err)
-		}
-	default:
-		return nil, opErr("connect", err)
+	return fd, sockaddr(family, raddr), nil
+}
+
+// dialError is a dial's error as the net package words it.
+func dialError(laddr, raddr netip.AddrPort, op string, err error) error {
+	var src net.Addr
+	if laddr.IsValid() {
+		src = net.TCPAddrFromAddrPort(laddr)
 	}
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, opErr("", err)
+	if op != "" {
+		err = os.NewSyscallError(op, err)
 	}
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		c.Close()
-		return nil, opErr("", fmt.Errorf("not a TCP connection: %T", c))
-	}
-	return tc, nil
+	return &net.OpError{Op: "dial", Net: "tcp", Source: src, Addr: net.TCPAddrFromAddrPort(raddr), Err: err}
 }
 
 // NoPortAtBind leaves the choice of a socket's local port from bind to

@@ -124,16 +124,15 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	if !in.ownPort {
 		from = netip.AddrPortFrom(in.src.Addr(), 0)
 	}
-	tcp, err := p.dialApp(dctx, from, in.target)
+	up, err := p.dialApp(dctx, from, in.target)
 	cancel()
 	if err != nil {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
 		return false
 	}
 	if debug {
-		p.log.Debug("inbound upstream connected", "from", tcp.LocalAddr().String(), "to", tcp.RemoteAddr().String())
+		p.log.Debug("inbound upstream connected", "from", localAddr(up), "to", in.target.String())
 	}
-	up := p.adopt(tcp)
 	down, err := in.accept()
 	if err != nil {
 		up.Close()
@@ -154,11 +153,26 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 // bindable: any 127.x on loopback, or any address with IP_TRANSPARENT
 // (CAP_NET_ADMIN) and capture's routing. Where it is not, the proxy
 // connects from its own address and says so once.
-func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (*net.TCPConn, error) {
+func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (upstream, error) {
 	if pd := p.podAt(target.Addr()); pd != nil {
 		// In the pod's namespace, marked and transparent: the app sees the
 		// client's IP, and capture routes its answers back to us.
-		return withClientPort(client, func(from netip.AddrPort) (*net.TCPConn, error) { return pd.dial(ctx, from, target) })
+		if p.poller != nil {
+			return withClientPort(client, func(from netip.AddrPort) (upstream, error) {
+				s, err := pd.dialSocket(ctx, p.poller, from, target)
+				if err != nil {
+					return nil, err // not a nil *Socket in a non-nil upstream
+				}
+				return s, nil
+			})
+		}
+		return withClientPort(client, func(from netip.AddrPort) (upstream, error) {
+			c, err := pd.dial(ctx, from, target)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		})
 	}
 	if client.IsValid() && client.Addr() != target.Addr() && client.Addr().Is4() == target.Addr().Is4() {
 		c, err := withClientPort(client, func(from netip.AddrPort) (*net.TCPConn, error) {
@@ -170,7 +184,7 @@ func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (*ne
 			return c.(*net.TCPConn), nil
 		})
 		if err == nil {
-			return c, nil
+			return p.adopt(c), nil
 		}
 		if !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.EADDRINUSE) {
 			return nil, err // the app itself is unreachable
@@ -184,7 +198,18 @@ func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (*ne
 	if err != nil {
 		return nil, err
 	}
-	return c.(*net.TCPConn), nil
+	return p.adopt(c.(*net.TCPConn)), nil
+}
+
+// localAddr is where a connection to an app comes from, for a debug log.
+func localAddr(up upstream) string {
+	switch c := up.(type) {
+	case *relay.Socket:
+		return c.LocalAddr().String()
+	case net.Conn:
+		return c.LocalAddr().String()
+	}
+	return "?"
 }
 
 // withClientPort dials from the client's own port when it is known, and
@@ -197,7 +222,7 @@ func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (*ne
 // that address to that destination, which with 10,000 connections from
 // one client pod to one server took up to 49 ms per connect, each holding
 // a thread (28–33 threads after the burst, against 10 on the client side).
-func withClientPort(client netip.AddrPort, dial func(from netip.AddrPort) (*net.TCPConn, error)) (*net.TCPConn, error) {
+func withClientPort[C any](client netip.AddrPort, dial func(from netip.AddrPort) (C, error)) (C, error) {
 	if client.Port() != 0 {
 		c, err := dial(client)
 		if err == nil || !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) {

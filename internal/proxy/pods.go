@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -162,6 +163,27 @@ func (pd *pod) dial(ctx context.Context, from, to netip.AddrPort) (*net.TCPConn,
 		}
 		return markTransparent(fd, !to.Addr().Unmap().Is4())
 	})
+}
+
+// dialSocket is dial for the relay: the socket goes from nsutil straight
+// into the poller's set and waits there for the handshake (no net.TCPConn
+// made and dropped on the way, no duplicate of the descriptor).
+func (pd *pod) dialSocket(ctx context.Context, pl *relay.Poller, from, to netip.AddrPort) (*relay.Socket, error) {
+	fd, sa, err := nsutil.BoundTCP(pd.ns, from, to, func(fd int) error {
+		if from.Port() != 0 {
+			reuseAddr(fd)
+		}
+		return markTransparent(fd, !to.Addr().Unmap().Is4())
+	})
+	if err != nil {
+		return nil, err
+	}
+	deadline, _ := ctx.Deadline()
+	s, err := pl.Connect(fd, sa, deadline)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Source: net.TCPAddrFromAddrPort(from), Addr: net.TCPAddrFromAddrPort(to), Err: err}
+	}
+	return s, nil
 }
 
 // reuseAddr lets a socket bind the client's address and port while another

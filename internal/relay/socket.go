@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
@@ -71,25 +72,127 @@ func (p *Poller) Adopt(c *net.TCPConn) (*Socket, error) {
 		return nil, fmt.Errorf("relay: adopt socket: dup: %w", derr)
 	}
 	// The duplicate shares the open file, so it is non-blocking already.
-	s := &Socket{p: p, fd: nfd, refs: 1}
+	s, err := p.register(nfd)
+	if err != nil {
+		return nil, fmt.Errorf("relay: adopt socket: %w", err)
+	}
+	c.Close()
+	return s, nil
+}
+
+// register puts fd, a non-blocking socket, in p's set as a Socket. On an
+// error fd is closed.
+func (p *Poller) register(fd int) (*Socket, error) {
+	s := &Socket{p: p, fd: fd, refs: 1}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
-		unix.Close(nfd)
-		return nil, fmt.Errorf("relay: adopt socket: %w", net.ErrClosed)
+		unix.Close(fd)
+		return nil, net.ErrClosed
 	}
 	p.next++
 	s.id = p.next
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(uint32(s.id)), Pad: int32(uint32(s.id >> 32))}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, nfd, &ev); err != nil {
+	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		p.mu.Unlock()
-		unix.Close(nfd)
-		return nil, fmt.Errorf("relay: adopt socket: epoll_ctl: %w", err)
+		unix.Close(fd)
+		return nil, fmt.Errorf("epoll_ctl: %w", err)
 	}
 	p.sockets[s.id] = s
 	p.mu.Unlock()
-	c.Close()
 	return s, nil
+}
+
+// Connect connects fd, a non-blocking socket (bound or not), to sa, and
+// returns it as a Socket of p's, having waited for the handshake in p's
+// set until deadline (none if zero). A socket made for relaying needs no
+// net.TCPConn on the way: none of the runtime's poll state made and
+// dropped, no duplicate (Adopt's), ~6 syscalls fewer per connection. p
+// owns fd from the call on, whatever the outcome.
+func (p *Poller) Connect(fd int, sa unix.Sockaddr, deadline time.Time) (*Socket, error) {
+	err := unix.Connect(fd, sa)
+	switch err {
+	case nil, unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+	default:
+		unix.Close(fd)
+		return nil, opError("connect", err)
+	}
+	// Registered after the connect: a socket not yet connecting reports
+	// itself writable (and hung up); one in SYN_SENT reports nothing until
+	// the handshake ends, either way.
+	s, rerr := p.register(fd)
+	if rerr != nil {
+		return nil, fmt.Errorf("relay: connect: %w", rerr)
+	}
+	if err == nil {
+		return s, nil
+	}
+	var t *time.Timer
+	if !deadline.IsZero() {
+		t = time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+	}
+	for {
+		if werr := s.wait(true, t); werr != nil {
+			s.Close()
+			return nil, werr // errTimeout is os.ErrDeadlineExceeded
+		}
+		done, cerr := s.connected()
+		if cerr != nil {
+			s.Close()
+			return nil, cerr
+		}
+		if done {
+			return s, nil
+		}
+	}
+}
+
+// connected reports whether a connect in progress has ended: (true, nil)
+// connected, (false, err) failed, (false, nil) still in progress.
+func (s *Socket) connected() (bool, error) {
+	fd, err := s.acquire(&s.wready)
+	if err != nil {
+		return false, err
+	}
+	defer s.release()
+	soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	switch {
+	case err != nil:
+		return false, opError("getsockopt", err)
+	case soerr != 0:
+		if e := unix.Errno(soerr); e != unix.EINPROGRESS && e != unix.EALREADY && e != unix.EINTR {
+			return false, opError("connect", e)
+		}
+		return false, nil
+	}
+	if _, err := unix.Getpeername(fd); err != nil {
+		if err == unix.ENOTCONN {
+			return false, nil // a wake before the handshake's end
+		}
+		return false, opError("getpeername", err)
+	}
+	return true, nil
+}
+
+// LocalAddr returns the socket's own address (getsockname), for logs.
+func (s *Socket) LocalAddr() netip.AddrPort {
+	fd, err := s.acquire(nil)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	defer s.release()
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }
 
 // acquire takes a reference for one use of the descriptor, and clears

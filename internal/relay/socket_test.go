@@ -214,3 +214,96 @@ func TestSocketWriteNowNeverWaits(t *testing.T) {
 		t.Errorf("WriteNow on a closed Socket: %v, want net.ErrClosed", err)
 	}
 }
+
+// tcpSocket makes a non-blocking IPv4 TCP socket, as nsutil.BoundTCP does.
+func tcpSocket(t *testing.T) int {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd
+}
+
+func loopbackSockaddr(t *testing.T, addr net.Addr) unix.Sockaddr {
+	t.Helper()
+	ap := addr.(*net.TCPAddr).AddrPort()
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
+}
+
+// Connect waits for the handshake in the poller's set and hands back a
+// Socket that carries bytes; a refused connect is an error that leaves no
+// descriptor behind, and a handshake that never ends stops at the deadline.
+func TestPollerConnect(t *testing.T) {
+	p := newPoller(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	s, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, l.Addr()), time.Now().Add(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	if got, want := s.LocalAddr().String(), peer.RemoteAddr().String(); got != want {
+		t.Errorf("LocalAddr %s, the peer sees %s", got, want)
+	}
+	if _, err := s.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("peer read %q, %v", buf, err)
+	}
+	s.Close()
+
+	// Refused: a port nobody listens on.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := closed.Addr()
+	closed.Close()
+	before := openFDs(t)
+	if _, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, addr), time.Now().Add(5*time.Second)); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Errorf("connect to a closed port: %v, want ECONNREFUSED", err)
+	}
+	if got := openFDs(t); got != before {
+		t.Errorf("open descriptors %d after a refused connect, %d before", got, before)
+	}
+
+	// A listener that never accepts and whose backlog is full drops SYNs:
+	// the handshake never ends, and the deadline ends the wait.
+	full, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer full.Close()
+	rc, _ := full.(*net.TCPListener).SyscallConn()
+	rc.Control(func(fd uintptr) { unix.Listen(int(fd), 0) })
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 8; i++ { // fill the backlog
+		c, err := net.DialTimeout("tcp", full.Addr().String(), 200*time.Millisecond)
+		if err != nil {
+			break
+		}
+		held = append(held, c)
+	}
+	start := time.Now()
+	if _, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, full.Addr()), time.Now().Add(300*time.Millisecond)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("connect to a full backlog: %v, want the deadline", err)
+	} else if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the deadline of 300 ms ended the connect after %v", d)
+	}
+}
