@@ -34,14 +34,8 @@ func TestAdoptMovesTheDescriptor(t *testing.T) {
 	if _, err := c.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("the adopted TCPConn still writes: %v", err)
 	}
-	if _, err := s.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
 	buf := make([]byte, 4)
-	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
-		t.Fatalf("peer read %q, %v", buf, err)
-	}
+	sendPing(t, s, peer)
 	peer.Write([]byte("pong"))
 	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "pong" {
 		t.Fatalf("socket read %q, %v", buf, err)
@@ -215,6 +209,19 @@ func TestSocketWriteNowNeverWaits(t *testing.T) {
 	}
 }
 
+// sendPing writes "ping" on s and checks that peer reads it.
+func sendPing(t *testing.T, s *Socket, peer net.Conn) {
+	t.Helper()
+	if _, err := s.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("peer read %q, %v", buf, err)
+	}
+}
+
 // tcpSocket makes a non-blocking IPv4 TCP socket, as nsutil.BoundTCP does.
 func tcpSocket(t *testing.T) int {
 	t.Helper()
@@ -253,14 +260,7 @@ func TestPollerConnect(t *testing.T) {
 	if got, want := s.LocalAddr().String(), peer.RemoteAddr().String(); got != want {
 		t.Errorf("LocalAddr %s, the peer sees %s", got, want)
 	}
-	if _, err := s.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 4)
-	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
-		t.Fatalf("peer read %q, %v", buf, err)
-	}
+	sendPing(t, s, peer)
 	s.Close()
 
 	// Refused: a port nobody listens on.
