@@ -157,16 +157,15 @@ func (p *Proxy) dialApp(ctx context.Context, client, target netip.AddrPort) (ups
 	if pd := p.podAt(target.Addr()); pd != nil {
 		// In the pod's namespace, marked and transparent: the app sees the
 		// client's IP, and capture routes its answers back to us.
-		if p.poller != nil {
-			return withClientPort(client, func(from netip.AddrPort) (upstream, error) {
+		return withClientPort(client, func(from netip.AddrPort) (upstream, error) {
+			// Returned apart on an error: not a nil pointer in a non-nil upstream.
+			if p.poller != nil {
 				s, err := pd.dialSocket(ctx, p.poller, from, target)
 				if err != nil {
-					return nil, err // not a nil *Socket in a non-nil upstream
+					return nil, err
 				}
 				return s, nil
-			})
-		}
-		return withClientPort(client, func(from netip.AddrPort) (upstream, error) {
+			}
 			c, err := pd.dial(ctx, from, target)
 			if err != nil {
 				return nil, err

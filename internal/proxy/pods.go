@@ -157,24 +157,26 @@ func (p *Proxy) dialFrom(ctx context.Context, src netip.Addr, dst netip.AddrPort
 // dial connects from the pod's namespace, marked and transparent, so from
 // may be an address that is not the pod's own (the client's, on the way in).
 func (pd *pod) dial(ctx context.Context, from, to netip.AddrPort) (*net.TCPConn, error) {
-	return nsutil.DialTCP(ctx, pd.ns, from, to, func(fd int) error {
+	return nsutil.DialTCP(ctx, pd.ns, from, to, dialSetup(from, to))
+}
+
+// dialSetup is what a pod-side socket from from to to needs before its
+// bind: the proxy's mark, transparency, and SO_REUSEADDR when it binds a
+// port of its own choosing (the client's).
+func dialSetup(from, to netip.AddrPort) func(fd int) error {
+	return func(fd int) error {
 		if from.Port() != 0 {
 			reuseAddr(fd)
 		}
 		return markTransparent(fd, !to.Addr().Unmap().Is4())
-	})
+	}
 }
 
 // dialSocket is dial for the relay: the socket goes from nsutil straight
 // into the poller's set and waits there for the handshake (no net.TCPConn
 // made and dropped on the way, no duplicate of the descriptor).
 func (pd *pod) dialSocket(ctx context.Context, pl *relay.Poller, from, to netip.AddrPort) (*relay.Socket, error) {
-	fd, sa, err := nsutil.BoundTCP(pd.ns, from, to, func(fd int) error {
-		if from.Port() != 0 {
-			reuseAddr(fd)
-		}
-		return markTransparent(fd, !to.Addr().Unmap().Is4())
-	})
+	fd, sa, err := nsutil.BoundTCP(pd.ns, from, to, dialSetup(from, to))
 	if err != nil {
 		return nil, err
 	}

@@ -214,8 +214,10 @@ func peer(l prometheus.Labels, side string, w *workload.Workload, id identity.ID
 	l[side+"_cluster"] = v(w.ClusterID)
 }
 
-// counter returns c's counter of one vec, made and cached on first use.
-func (m *Metrics) counter(c *Conn, flags string, vec int) prometheus.Counter {
+// counters returns c's series with the counters of vecs made (each on
+// first use, then cached): one key and one lock for all of a call's vecs.
+// A counter, once set, is never replaced, so the caller reads it unlocked.
+func (m *Metrics) counters(c *Conn, flags string, vecs ...int) *series {
 	k := seriesKey{dir: c.Direction, mtls: c.MTLS, srcW: c.SrcWorkload, dstW: c.DstWorkload, dstSvc: c.DstService,
 		srcID: c.SrcIdentity, dstID: c.DstIdentity, flags: flags}
 	if c.DstService == nil && c.DstWorkload != nil {
@@ -231,17 +233,19 @@ func (m *Metrics) counter(c *Conn, flags string, vec int) prometheus.Counter {
 		s = new(series)
 		m.series[k] = s
 	}
-	if s[vec] == nil {
-		v := [nVecs]*prometheus.CounterVec{m.opened, m.closed, m.failed, m.sent, m.received}[vec]
-		s[vec] = v.With(m.labels(c, flags))
+	for _, vec := range vecs {
+		if s[vec] == nil {
+			v := [nVecs]*prometheus.CounterVec{m.opened, m.closed, m.failed, m.sent, m.received}[vec]
+			s[vec] = v.With(m.labels(c, flags))
+		}
 	}
-	return s[vec]
+	return s
 }
 
 // Opened counts a connection that was accepted and is being served.
 func (m *Metrics) Opened(c *Conn) {
 	if m != nil {
-		m.counter(c, FlagNone, vecOpened).Inc()
+		m.counters(c, FlagNone, vecOpened)[vecOpened].Inc()
 	}
 }
 
@@ -250,15 +254,16 @@ func (m *Metrics) Closed(c *Conn, sent, recv int64, flags string) {
 	if m == nil {
 		return
 	}
-	m.counter(c, flags, vecClosed).Inc()
-	m.counter(c, flags, vecSent).Add(float64(sent))
-	m.counter(c, flags, vecReceived).Add(float64(recv))
+	s := m.counters(c, flags, vecClosed, vecSent, vecReceived)
+	s[vecClosed].Inc()
+	s[vecSent].Add(float64(sent))
+	s[vecReceived].Add(float64(recv))
 }
 
 // Failed counts a connection refused or failed before it was opened.
 func (m *Metrics) Failed(c *Conn, flags string) {
 	if m != nil {
-		m.counter(c, flags, vecFailed).Inc()
+		m.counters(c, flags, vecFailed)[vecFailed].Inc()
 	}
 }
 
