@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -432,27 +431,6 @@ func (s *Socket) CloseWrite() error {
 	}
 	return nil
 }
-
-// SyscallConn gives the descriptor to code that makes its own syscalls
-// (the HBONE stream's direct writes), with this socket's waits.
-func (s *Socket) SyscallConn() (syscall.RawConn, error) { return (*rawSocket)(s), nil }
-
-// rawSocket is a Socket as a syscall.RawConn.
-type rawSocket Socket
-
-func (r *rawSocket) Control(f func(fd uintptr)) error {
-	s := (*Socket)(r)
-	fd, err := s.acquire(nil)
-	if err != nil {
-		return err
-	}
-	defer s.release()
-	f(uintptr(fd))
-	return nil
-}
-
-func (r *rawSocket) Read(f func(fd uintptr) bool) error  { return (*Socket)(r).raw(false, f) }
-func (r *rawSocket) Write(f func(fd uintptr) bool) error { return (*Socket)(r).raw(true, f) }
 
 // raw calls f until it reports done, waiting for an edge in between.
 func (s *Socket) raw(write bool, f func(fd uintptr) bool) error {
