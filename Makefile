@@ -22,6 +22,7 @@ FUZZ_TARGETS := \
 	./internal/hbone:FuzzParseBaggage \
 	./internal/hbone:FuzzParseTraceparent \
 	./internal/hbone:FuzzServerFrames \
+	./internal/hbone:FuzzFrameGuard \
 	./internal/config:FuzzParse \
 	./internal/socks5:FuzzHandshake \
 	./internal/trace:FuzzDecodeTCP \

@@ -13,6 +13,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
+	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/memtrim"
 	"github.com/ambitmesh/ambit/internal/nsutil"
@@ -39,6 +40,7 @@ func newProxyCmd() *cobra.Command {
 		cfgPath, caDir, wl, node, listenIP, logFormat, logLevel, zdsSocket string
 		xdsAddr, caAddr, tokenFile, rootCert                               string
 		certTTL                                                            time.Duration
+		hcfg                                                               hbone.Config
 	)
 	cmd := &cobra.Command{
 		Use:   "proxy --config FILE --ca-dir DIR (--workload NS/NAME | --node NAME)",
@@ -71,6 +73,17 @@ costs little CPU and keeps the memory of idle connections down.`,
 			}
 			if (wl == "") == (node == "") {
 				return fmt.Errorf("set exactly one of --workload NS/NAME or --node NAME")
+			}
+			for _, d := range []struct {
+				flag string
+				v    time.Duration
+			}{{"--hbone-idle-timeout", hcfg.ServerIdleTimeout}, {"--hbone-ping-interval", hcfg.PingInterval}, {"--hbone-ping-timeout", hcfg.PingTimeout}} {
+				if d.v <= 0 {
+					return fmt.Errorf("%s %v: want a duration above zero", d.flag, d.v)
+				}
+			}
+			if hcfg.PingTimeout <= hcfg.PingInterval {
+				return fmt.Errorf("--hbone-ping-timeout %v must be longer than --hbone-ping-interval %v: a peer needs a PING to answer", hcfg.PingTimeout, hcfg.PingInterval)
 			}
 			level := new(slog.LevelVar)
 			if err := level.UnmarshalText([]byte(strings.ToUpper(logLevel))); err != nil {
@@ -168,7 +181,7 @@ costs little CPU and keeps the memory of idle connections down.`,
 			defer certs.Close()
 			p, err := proxy.New(proxy.Options{
 				Workload: wl, Node: node, ListenIP: lip,
-				Certs: certs, Log: log, LogLevel: level,
+				Certs: certs, HBONE: hcfg, Log: log, LogLevel: level,
 				Metrics: telemetry.NewMetrics(version), Version: version,
 			}, initial)
 			if err != nil {
@@ -229,5 +242,8 @@ costs little CPU and keeps the memory of idle connections down.`,
 	f.StringVar(&caAddr, "ca-address", "", "control plane: CA address (instead of --ca-dir)")
 	f.StringVar(&tokenFile, "token-file", "", "control plane: file holding this node's bearer token")
 	f.StringVar(&rootCert, "root-cert", "", "control plane: root certificate(s) to trust it with")
+	f.DurationVar(&hcfg.ServerIdleTimeout, "hbone-idle-timeout", hbone.DefaultServerIdleTimeout, "close an inbound HBONE connection (GOAWAY) that has carried no stream for this long")
+	f.DurationVar(&hcfg.PingInterval, "hbone-ping-interval", hbone.DefaultPingInterval, "HTTP/2 keepalive PING period on HBONE connections, both ways")
+	f.DurationVar(&hcfg.PingTimeout, "hbone-ping-timeout", hbone.DefaultPingTimeout, "close an HBONE connection after this long with nothing read from the peer")
 	return cmd
 }

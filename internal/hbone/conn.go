@@ -3,6 +3,7 @@ package hbone
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
@@ -44,8 +45,14 @@ type conn struct {
 	cfg    Config
 	log    *slog.Logger
 
-	// newStream is called (server side) in a new goroutine for each request.
-	newStream func(*Stream)
+	// newStream is called (server side) in a new goroutine for each
+	// request, with a context cancelled once the stream is gone (reset by
+	// the peer, or the connection closed) or the call has returned.
+	newStream func(context.Context, *Stream)
+	// limits and peerN (server side) count streams by peer across
+	// connections; nil: no such bound.
+	limits *streamLimits
+	peerN  *peerStreams
 	// onIdle (client side) is called when the connection has carried no
 	// stream for cfg.IdleTimeout; onClose when it is closed for any reason.
 	onIdle  func(*conn)
@@ -61,6 +68,8 @@ type conn struct {
 
 	lastRead    atomic.Int64 // unix nanos of the last frame read
 	gotSettings bool         // the peer's first SETTINGS was read (readLoop's)
+	resets      resetBucket  // readLoop's: early resets and refusals the peer may still cause
+	ctrlQueued  atomic.Int32 // control frames queued, not yet written (changed under mu)
 	done        chan struct{}
 	writeDone   chan struct{} // closed once wclosed and every queued frame is out
 	wg          sync.WaitGroup
@@ -81,20 +90,22 @@ type conn struct {
 	hbuf bytes.Buffer
 
 	streams     map[uint32]*Stream
-	nextID      uint32 // client: next stream id
-	maxPeerID   uint32 // server: highest stream id the peer opened
-	reserved    int    // client: slots promised to dials not yet opened
-	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
-	peerWindow  int32  // peer's SETTINGS_INITIAL_WINDOW_SIZE
-	peerFrame   uint32 // peer's SETTINGS_MAX_FRAME_SIZE
-	sendWindow  int64  // connection send window
-	recvWindow  int64  // what the peer may still send us on the connection
-	recvUnacked int64  // consumed but not yet returned by WINDOW_UPDATE
-	goingAway   bool   // GOAWAY sent or received: no new streams
+	handlers    map[uint32]context.CancelFunc // server: streams whose handler runs
+	orphans     int                           // server: handlers still running for streams already gone
+	nextID      uint32                        // client: next stream id
+	maxPeerID   uint32                        // server: highest stream id the peer opened
+	reserved    int                           // client: slots promised to dials not yet opened
+	peerStreams uint32                        // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	peerWindow  int32                         // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerFrame   uint32                        // peer's SETTINGS_MAX_FRAME_SIZE
+	sendWindow  int64                         // connection send window
+	recvWindow  int64                         // what the peer may still send us on the connection
+	recvUnacked int64                         // consumed but not yet returned by WINDOW_UPDATE
+	goingAway   bool                          // GOAWAY sent or received: no new streams
 	closed      bool
 	err         error
 	idleTimer   *time.Timer
-	pingTimer   *time.Timer // client keepalive (pingFired); stopped at close
+	pingTimer   *time.Timer // keepalive (pingFired), both sides; stopped at close
 	pings       uint64
 	idleSince   time.Time
 }
@@ -159,11 +170,12 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 	// per proxy at 100 connections) was a second buffer with no effect on
 	// throughput (BenchmarkThroughput, two A/B runs of 6).
 	c.wf = http2.NewFramer(tokenWriter{c}, nil)
-	c.br = nc
+	c.br = &frameGuard{r: nc}
 	c.hdec = hpack.NewDecoder(4096, nil)
 	c.fr = c.newReadFramer()
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.lastRead.Store(time.Now().UnixNano())
+	c.resets = newResetBucket(cfg)
 	// Our SETTINGS must be the first frame we send.
 	c.queue(outFrame{kind: kindSettings})
 	if extra := int64(cfg.ConnWindow) - 65535; extra > 0 {
@@ -217,8 +229,9 @@ func (c *conn) begin() {
 	defer c.mu.Unlock()
 	c.started = true
 	c.kickLocked()
-	if c.client && !c.closed {
+	if !c.closed {
 		c.pingTimer = time.AfterFunc(c.cfg.PingInterval, c.pingFired)
+		c.checkIdleLocked() // a connection that never carries a stream is idle from the start
 	}
 }
 
@@ -233,8 +246,21 @@ func (c *conn) queue(f outFrame) {
 		}
 		return
 	}
+	if f.kind.control() {
+		c.ctrlQueued.Add(1)
+	}
 	c.wq = append(c.wq, f)
 	c.kickLocked()
+}
+
+// control tells the frames we owe the peer (answers and window credit)
+// from our own requests and data, for the MaxControlFrames bound.
+func (k frameKind) control() bool {
+	switch k {
+	case kindRST, kindWindow, kindSettingsAck, kindPingAck:
+		return true
+	}
+	return false
 }
 
 // kickLocked starts a writer for queued frames when nobody holds the
@@ -248,6 +274,7 @@ func (c *conn) kickLocked() {
 		return // begin kicks
 	case len(c.wq) > 0 && c.closed:
 		err := c.errLocked()
+		c.ctrlQueued.Store(0)
 		for i := range c.wq {
 			if c.wq[i].done != nil {
 				c.wq[i].done <- err
@@ -366,6 +393,13 @@ func (c *conn) drain(rounds int) error {
 			break
 		}
 		c.wq, c.wspare = c.wspare[:0], nil
+		var ctrl int32
+		for i := range q {
+			if q[i].kind.control() {
+				ctrl++
+			}
+		}
+		c.ctrlQueued.Add(-ctrl)
 		c.mu.Unlock()
 		for i := range q {
 			if werr == nil {
@@ -497,7 +531,7 @@ func (c *conn) writeFrame(f *outFrame) error {
 		s := []http2.Setting{
 			{ID: http2.SettingInitialWindowSize, Val: uint32(c.cfg.StreamWindow)},
 			{ID: http2.SettingMaxFrameSize, Val: c.cfg.MaxFrameSize},
-			{ID: http2.SettingMaxHeaderListSize, Val: 64 << 10},
+			{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderListSize},
 		}
 		if c.client {
 			s = append(s, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
@@ -542,7 +576,12 @@ func (c *conn) readLoop() {
 		c.mu.Lock()
 		c.queue(outFrame{kind: kindGoAway, val: c.maxPeerID, code: ce.code})
 		c.mu.Unlock()
-		c.log.Debug("hbone connection error", "peer", c.nc.RemoteAddr(), "err", err)
+		if ce.code == http2.ErrCodeEnhanceYourCalm {
+			// Abuse, not a bug: the operator should hear of it.
+			c.log.Warn("hbone: connection closed for abuse (GOAWAY ENHANCE_YOUR_CALM)", "peer", c.nc.RemoteAddr().String(), "identity", c.peer.String(), "err", err)
+		} else {
+			c.log.Debug("hbone connection error", "peer", c.nc.RemoteAddr(), "err", err)
+		}
 		c.closeGracefully(err)
 		return
 	}
@@ -563,7 +602,7 @@ func (c *conn) newReadFramer() *http2.Framer {
 	fr.SetMaxReadFrameSize(c.cfg.MaxFrameSize)
 	fr.SetReuseFrames()
 	fr.ReadMetaHeaders = c.hdec
-	fr.MaxHeaderListSize = 64 << 10
+	fr.MaxHeaderListSize = maxHeaderListSize
 	return fr
 }
 
@@ -589,6 +628,9 @@ func (c *conn) readFrames() error {
 					c.queue(outFrame{kind: kindRST, streamID: se.StreamID, code: se.Code})
 				}
 				c.mu.Unlock()
+				if err := c.spendReset("stream errors"); err != nil {
+					return err
+				}
 				continue
 			}
 			var h2e http2.ConnectionError
@@ -608,7 +650,20 @@ func (c *conn) readFrames() error {
 		if err := c.handleFrame(f); err != nil {
 			return err
 		}
+		if n := c.ctrlQueued.Load(); int(n) > c.cfg.MaxControlFrames {
+			return connError{http2.ErrCodeEnhanceYourCalm, fmt.Sprintf("the peer does not read: %d frames owed to it are queued (the bound is %d)", n, c.cfg.MaxControlFrames)}
+		}
 	}
+}
+
+// spendReset takes a token from the reset budget for a stream the peer
+// reset before its answer, or made us reset or refuse (why names which);
+// an empty budget is the peer's connection error. readLoop's only.
+func (c *conn) spendReset(why string) error {
+	if c.resets.take(time.Now()) {
+		return nil
+	}
+	return connError{http2.ErrCodeEnhanceYourCalm, fmt.Sprintf("%s: %d streams reset or refused early, more than the budget (%d, then %g per second)", why, c.resets.spent, c.cfg.ResetBurst, c.cfg.ResetRate)}
 }
 
 func (c *conn) handleFrame(f http2.Frame) error {
@@ -623,11 +678,24 @@ func (c *conn) handleFrame(f http2.Frame) error {
 		return c.onWindowUpdate(f)
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
-		defer c.mu.Unlock()
-		if s := c.streams[f.StreamID]; s != nil {
-			s.rerr = &ResetError{Code: f.ErrCode, Remote: true}
-			s.reset = true
-			c.removeLocked(s)
+		s := c.streams[f.StreamID]
+		if s == nil {
+			known := c.knownStreamLocked(f.StreamID)
+			c.mu.Unlock()
+			if !known {
+				return connError{http2.ErrCodeProtocol, fmt.Sprintf("RST_STREAM on idle stream %d", f.StreamID)}
+			}
+			return nil
+		}
+		// A server stream reset before its answer cost a handler and
+		// perhaps a dial for nothing (rapid reset).
+		early := !c.client && !s.responded
+		s.rerr = &ResetError{Code: f.ErrCode, Remote: true}
+		s.reset = true
+		c.removeLocked(s)
+		c.mu.Unlock()
+		if early {
+			return c.spendReset("streams reset before their answer")
 		}
 	case *http2.PingFrame:
 		if !f.IsAck() {
@@ -714,7 +782,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	s.sendWindow += int64(f.Increment)
 	if s.sendWindow > 1<<31-1 {
 		c.resetLocked(s, http2.ErrCodeFlowControl, false)
-		return nil
+		return c.spendReset("stream window overflows")
 	}
 	s.cond.Broadcast()
 	return nil
@@ -739,6 +807,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		c.creditConnLocked(n)
 		if s != nil && s.reof && !s.reset {
 			c.resetLocked(s, http2.ErrCodeStreamClosed, false)
+			return c.spendReset("DATA after END_STREAM")
 		}
 		return nil
 	}
@@ -746,7 +815,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	if s.recvWindow < 0 {
 		c.creditConnLocked(n)
 		c.resetLocked(s, http2.ErrCodeFlowControl, false)
-		return nil
+		return c.spendReset("streams over their window")
 	}
 	if pad := n - int64(len(data)); pad > 0 {
 		c.creditConnLocked(pad)
@@ -817,6 +886,11 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	defer c.mu.Unlock()
 	id := f.StreamID
 	if s := c.streams[id]; s != nil {
+		if f.Truncated {
+			// Over the header list size we advertised.
+			c.resetLocked(s, http2.ErrCodeProtocol, false)
+			return c.spendReset("header lists over the limit")
+		}
 		if c.client && !s.gotResp {
 			status, err := strconv.Atoi(f.PseudoValue("status"))
 			if err != nil || status < 100 || status > 999 {
@@ -832,7 +906,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		} else if !f.StreamEnded() {
 			// Trailers must end the stream.
 			c.resetLocked(s, http2.ErrCodeProtocol, false)
-			return nil
+			return c.spendReset("trailers that do not end the stream")
 		}
 		if f.StreamEnded() {
 			c.remoteEndedLocked(s)
@@ -854,9 +928,30 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return connError{http2.ErrCodeProtocol, fmt.Sprintf("bad new stream id %d", id)}
 	}
 	c.maxPeerID = id
-	if c.goingAway || c.closed || uint32(len(c.streams)) >= c.cfg.MaxStreams {
+	if f.Truncated {
+		// Over the header list size we advertised: 431, as x/net's
+		// server answers, and the stream is over (the decoder's state
+		// is intact: the connection goes on).
+		block := c.encodeHeadersLocked([]hpack.HeaderField{{Name: ":status", Value: "431"}, {Name: reasonHeader, Value: fmt.Sprintf("header list over %d bytes", maxHeaderListSize)}})
+		c.queue(outFrame{kind: kindHeaders, streamID: id, end: true, data: block})
+		if !f.StreamEnded() {
+			c.queue(outFrame{kind: kindRST, streamID: id, code: http2.ErrCodeNo})
+		}
+		return c.spendReset("header lists over the limit")
+	}
+	// A stream counts against MaxStreams while it is open or its handler
+	// runs: a reset stream whose dial is still being cancelled holds its
+	// slot, so resets cannot buy a peer more concurrent work.
+	if c.goingAway || c.closed || uint32(len(c.streams)+c.orphans) >= c.cfg.MaxStreams {
 		c.queue(outFrame{kind: kindRST, streamID: id, code: http2.ErrCodeRefusedStream})
-		return nil
+		return c.spendReset("streams over the concurrency limit")
+	}
+	if c.limits != nil {
+		if ok, why := c.limits.admit(c.peerN); !ok {
+			c.log.Debug("hbone: stream refused", "peer", c.peer.String(), "reason", why)
+			c.queue(outFrame{kind: kindRST, streamID: id, code: http2.ErrCodeRefusedStream})
+			return c.spendReset("streams over the peer's or the server's limit")
+		}
 	}
 	s := c.newStreamLocked(id)
 	s.method = f.PseudoValue("method")
@@ -868,13 +963,61 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	c.stopIdleLocked()
 	if c.newStream != nil {
+		// A context per stream, not one under the server's: cancelling it
+		// touches no lock shared by every connection.
+		ctx, cancel := context.WithCancel(context.Background())
+		if c.handlers == nil {
+			c.handlers = map[uint32]context.CancelFunc{}
+		}
+		c.handlers[id] = cancel
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
-			c.newStream(s)
+			c.newStream(ctx, s)
+			c.handlerDone(s)
 		}()
 	}
 	return nil
+}
+
+// handlerDone ends a stream's handler: its context is cancelled, and the
+// stream's slot is free if the stream is over too.
+func (c *conn) handlerDone(s *Stream) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cancel := c.handlers[s.id]
+	if cancel == nil {
+		return
+	}
+	cancel()
+	delete(c.handlers, s.id)
+	if s.removed {
+		c.orphans--
+		c.slotFreedLocked()
+	}
+}
+
+// goneLocked marks a server stream over: its handler, if it still runs,
+// is cancelled (no dial goes on for a stream that is gone) and keeps the
+// slot until it returns; otherwise the slot is free now.
+func (c *conn) goneLocked(s *Stream) {
+	if c.client {
+		return
+	}
+	if cancel := c.handlers[s.id]; cancel != nil {
+		cancel()
+		c.orphans++
+		return
+	}
+	c.slotFreedLocked()
+}
+
+// slotFreedLocked gives a finished server stream's slot back.
+func (c *conn) slotFreedLocked() {
+	if c.limits != nil {
+		c.limits.release(c.peerN)
+	}
+	c.checkIdleLocked()
 }
 
 func regularHeaders(f *http2.MetaHeadersFrame) http.Header {
@@ -936,6 +1079,7 @@ func (c *conn) removeLocked(s *Stream) {
 	s.removed = true
 	delete(c.streams, s.id)
 	s.wakeLocked()
+	c.goneLocked(s)
 	c.checkIdleLocked()
 }
 
@@ -988,23 +1132,34 @@ func (c *conn) activeStreams() int {
 	return len(c.streams)
 }
 
-// checkIdleLocked arms the idle timer when the last stream ends (client).
+// checkIdleLocked arms the idle timer when the last stream ends: a
+// client's pooled connection (IdleTimeout) and a server's connection
+// (ServerIdleTimeout, from the start too: a peer may never open a stream).
 func (c *conn) checkIdleLocked() {
-	if !c.client || c.closed || len(c.streams) > 0 || c.reserved > 0 {
+	if c.closed || len(c.streams) > 0 || c.reserved > 0 || c.orphans > 0 || !c.started {
 		return
 	}
 	if c.goingAway {
-		// Drained after GOAWAY: nothing more can happen here.
-		c.wg.Add(1)
-		go func() { defer c.wg.Done(); c.closeGracefully(errGoingAway) }()
-		return
+		if c.client {
+			// Drained after GOAWAY: nothing more can happen here.
+			c.wg.Add(1)
+			go func() { defer c.wg.Done(); c.closeGracefully(errGoingAway) }()
+		}
+		return // a server's drain is Shutdown's to end
 	}
 	c.idleSince = time.Now()
 	if c.idleTimer == nil {
-		c.idleTimer = time.AfterFunc(c.cfg.IdleTimeout, c.idleFired)
+		c.idleTimer = time.AfterFunc(c.idleTimeout(), c.idleFired)
 	} else {
-		c.idleTimer.Reset(c.cfg.IdleTimeout)
+		c.idleTimer.Reset(c.idleTimeout())
 	}
+}
+
+func (c *conn) idleTimeout() time.Duration {
+	if c.client {
+		return c.cfg.IdleTimeout
+	}
+	return c.cfg.ServerIdleTimeout
 }
 
 func (c *conn) stopIdleLocked() {
@@ -1015,9 +1170,13 @@ func (c *conn) stopIdleLocked() {
 
 func (c *conn) idleFired() {
 	c.mu.Lock()
-	idle := !c.closed && len(c.streams) == 0 && c.reserved == 0 && time.Since(c.idleSince) >= c.cfg.IdleTimeout
+	idle := !c.closed && !c.goingAway && len(c.streams) == 0 && c.reserved == 0 && c.orphans == 0 && time.Since(c.idleSince) >= c.idleTimeout()
 	if idle {
 		c.goingAway = true
+		if !c.client {
+			// Streams the peer opened meanwhile were refused: it may retry them.
+			c.queue(outFrame{kind: kindGoAway, val: c.maxPeerID, code: http2.ErrCodeNo})
+		}
 	}
 	c.mu.Unlock()
 	if idle {
@@ -1032,7 +1191,8 @@ func (c *conn) idleFired() {
 // nothing at all was read for the timeout. A timer, not a goroutine: 100
 // idle connections would keep 100 goroutines only for this.
 func (c *conn) pingFired() {
-	if time.Since(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingTimeout {
+	if silent := time.Since(time.Unix(0, c.lastRead.Load())); silent >= c.cfg.PingTimeout {
+		c.log.Info("hbone: closing a connection whose peer did not answer keepalive PINGs", "peer", c.nc.RemoteAddr().String(), "identity", c.peer.String(), "silent", silent.Round(time.Millisecond).String())
 		c.closeWithError(errKeepalive)
 		return
 	}
@@ -1107,6 +1267,7 @@ func (c *conn) closeWithError(err error) {
 		s.reset = true
 		s.removed = true
 		s.wakeLocked()
+		c.goneLocked(s)
 	}
 	clear(c.streams)
 	c.mu.Unlock()

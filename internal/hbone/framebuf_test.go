@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -34,7 +35,7 @@ func TestLargeFrameBufferIsNotKept(t *testing.T) {
 		a, b := net.Pipe()
 		got := make(chan int64, 1)
 		c := newConn(a, false, Config{}.withDefaults(true), slog.New(slog.DiscardHandler))
-		c.newStream = func(s *Stream) {
+		c.newStream = func(_ context.Context, s *Stream) {
 			s.respond(200, nil, "")
 			buf := make([]byte, 64<<10)
 			var total int64

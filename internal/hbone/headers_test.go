@@ -3,6 +3,7 @@ package hbone
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -239,7 +240,7 @@ func FuzzServerFrames(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a, b := net.Pipe()
 		c := newConn(a, false, Config{}.withDefaults(true), slog.New(slog.DiscardHandler))
-		c.newStream = func(s *Stream) {
+		c.newStream = func(_ context.Context, s *Stream) {
 			s.respond(200, nil, "")
 			io.Copy(io.Discard, s)
 			s.Close()

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/listener"
 	"golang.org/x/net/http2/hpack"
 )
 
@@ -89,6 +90,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	raw       map[net.Conn]struct{} // connections still in handshake
+	limits    *streamLimits
 	closing   bool
 	wg        sync.WaitGroup
 }
@@ -107,15 +109,19 @@ func (s *Server) init() {
 		s.listeners = map[net.Listener]struct{}{}
 		s.conns = map[*conn]struct{}{}
 		s.raw = map[net.Conn]struct{}{}
+		s.limits = newStreamLimits(s.cfg)
 	})
 }
 
-// Serve accepts connections on l until Shutdown or Close.
+// Serve accepts connections on l until Shutdown or Close. l is guarded
+// (listener.Guard) unless it already is: a failing accept(2), out of
+// descriptors, backs off and sheds instead of ending the loop.
 func (s *Server) Serve(l net.Listener) error {
 	s.init()
 	if s.GetCertificate == nil || s.Handler == nil {
 		return errors.New("hbone: Server needs GetCertificate and Handler")
 	}
+	l = listener.Guard(l, listener.Options{Name: "hbone", Log: s.log})
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -130,17 +136,12 @@ func (s *Server) Serve(l net.Listener) error {
 	}()
 	for {
 		nc, err := l.Accept()
-		if err != nil {
+		if err != nil { // only once l is closed
 			s.mu.Lock()
 			closing := s.closing
 			s.mu.Unlock()
 			if closing {
 				return ErrServerClosed
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(5 * time.Millisecond)
-				continue
 			}
 			return fmt.Errorf("hbone accept: %w", err)
 		}
@@ -167,6 +168,7 @@ func (s *Server) serveConn(nc net.Conn) {
 		return
 	}
 	c.serve()
+	s.limits.leave(c.peer, c.peerN)
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
@@ -233,13 +235,16 @@ func (s *Server) handshake(nc net.Conn) *conn {
 		tc.Close()
 		return nil
 	}
+	c.limits, c.peerN = s.limits, s.limits.join(c.peer)
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
 	return c
 }
 
-// handleStream validates one CONNECT and hands it to the handler.
-func (s *Server) handleStream(st *Stream) {
+// handleStream validates one CONNECT and hands it to the handler. ctx
+// ends when the stream is gone: the peer reset it, or the connection
+// closed (as Shutdown does once its drain is over).
+func (s *Server) handleStream(ctx context.Context, st *Stream) {
 	c := st.c
 	var req *ServerRequest
 	defer func() {
@@ -269,7 +274,10 @@ func (s *Server) handleStream(st *Stream) {
 		RemoteAddr:       netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port()),
 		s:                st,
 	}
-	s.Handler.ServeHBONE(s.ctx, req)
+	if ctx.Err() != nil {
+		return // reset before it got here: no work for a stream that is gone
+	}
+	s.Handler.ServeHBONE(ctx, req)
 	c.mu.Lock()
 	responded := st.responded
 	st.header = nil // read by the handler; not kept for the stream's life

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/capture"
+	"github.com/ambitmesh/ambit/internal/listener"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -185,17 +186,19 @@ func (a *Agent) Serve(ctx context.Context) error {
 		return fmt.Errorf("node agent: listen %s: %w", a.Socket, err)
 	}
 	defer os.Remove(a.Socket)
-	stop := context.AfterFunc(ctx, func() { l.Close() })
+	// Guarded: out of descriptors, the loop backs off instead of ending.
+	g := listener.Guard(l, listener.Options{Name: "zds", Log: a.log()})
+	stop := context.AfterFunc(ctx, func() { g.Close() })
 	defer stop()
 	for {
-		c, err := l.AcceptUnix()
+		c, err := g.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
 			return fmt.Errorf("node agent: accept: %w", err)
 		}
-		a.serveProxy(ctx, c)
+		a.serveProxy(ctx, c.(*net.UnixConn))
 	}
 }
 

@@ -119,6 +119,16 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	if debug {
 		p.log.Debug("inbound policy allows", "src", in.src.String(), "src.identity", in.peer.String(), "dst", in.target.String(), "reason", d.Reason)
 	}
+	// ctx ends when an HBONE stream is reset: its dial ends with it.
+	if err := ctx.Err(); err != nil {
+		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("gone before the connect to %s: %w", in.target, err))
+		return false
+	}
+	key := dialKeyOf(&in)
+	if err := p.dials.acquire(key); err != nil {
+		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s refused: %w", in.target, err))
+		return false
+	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	from := in.src
 	if !in.ownPort {
@@ -126,6 +136,7 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	}
 	up, err := p.dialApp(dctx, from, in.target)
 	cancel()
+	p.dials.release(key)
 	if err != nil {
 		fail(http.StatusServiceUnavailable, telemetry.FlagConnect, fmt.Errorf("connect to %s: %w", in.target, err))
 		return false

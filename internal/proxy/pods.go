@@ -52,13 +52,14 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	}
 	p.mu.Unlock()
 	type spec struct {
+		name  string
 		port  uint16
 		serve func(net.Listener)
 	}
 	specs := []spec{
-		{p.ports.Outbound, p.serveCaptured},
-		{p.ports.Inbound, p.servePlaintextInbound},
-		{p.ports.HBONE, func(l net.Listener) { _ = p.server.Serve(l) }},
+		{"outbound", p.ports.Outbound, p.serveCaptured},
+		{"inbound", p.ports.Inbound, p.servePlaintextInbound},
+		{"hbone", p.ports.HBONE, func(l net.Listener) { _ = p.server.Serve(l) }},
 	}
 	err = nsutil.Do(pd.ns, func() error {
 		lc := net.ListenConfig{Control: markAndTransparent}
@@ -67,7 +68,7 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 			if err != nil {
 				return fmt.Errorf("listen on %d in the pod: %w", s.port, err)
 			}
-			pd.listeners = append(pd.listeners, l)
+			pd.listeners = append(pd.listeners, p.guard(l, fmt.Sprintf("%s of pod %s", s.name, uid)))
 		}
 		return nil
 	})
@@ -180,8 +181,7 @@ func (pd *pod) dialSocket(ctx context.Context, pl *relay.Poller, from, to netip.
 	if err != nil {
 		return nil, err
 	}
-	deadline, _ := ctx.Deadline()
-	s, err := pl.Connect(fd, sa, deadline)
+	s, err := pl.Connect(ctx, fd, sa)
 	if err != nil {
 		return nil, &net.OpError{Op: "dial", Net: "tcp", Source: net.TCPAddrFromAddrPort(from), Addr: net.TCPAddrFromAddrPort(to), Err: err}
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/listener"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -70,6 +71,13 @@ type Options struct {
 
 	Certs     *identity.Manager
 	HBONE     hbone.Config
+	// MaxDials bounds the connections to applications being set up at
+	// once, for the whole proxy and for one peer (its identity, or its
+	// address in plaintext); a connection beyond either is answered 503
+	// at once. Defaults 1,024 and 256: a peer that opens and resets
+	// streams, or calls an app that never answers, cannot hold all of them.
+	MaxDials     int
+	MaxPeerDials int
 	Log       *slog.Logger       // nil: discard
 	AccessLog *slog.Logger       // nil: Log
 	LogLevel  *slog.LevelVar     // changed by the admin /logging endpoint; may be nil
@@ -89,6 +97,8 @@ type Proxy struct {
 	dialer *hbone.Dialer
 	server *hbone.Server
 	poller *relay.Poller // idle sockets wait here, not in goroutines; nil: goroutines (set by Run)
+	dials  dialLimits
+	health listener.Health // the listeners that cannot accept now, for readiness
 
 	rndMu sync.Mutex
 	rnd   *rand.Rand
@@ -130,6 +140,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 		return nil, errors.New("proxy: no index")
 	}
 	p := &Proxy{
+		dials:   newDialLimits(opts.MaxDials, opts.MaxPeerDials),
 		opts:    opts,
 		ports:   opts.Ports.withDefaults(),
 		log:     opts.Log,
@@ -229,9 +240,12 @@ func (p *Proxy) trackCertificates(ix *workload.Index) {
 	p.tracked = want
 }
 
-// Ready reports whether config is loaded and every local HBONE workload has
-// its certificate; if not, why.
+// Ready reports whether config is loaded, every local HBONE workload has
+// its certificate and every listener can accept; if not, why.
 func (p *Proxy) Ready() (bool, string) {
+	if failing, why := p.health.Failing(); failing {
+		return false, why
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for id := range p.tracked {
@@ -295,13 +309,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 		p.poller = pl
 	}
 	ip := p.listenIP()
-	type listener struct {
+	type spec struct {
 		name  string
 		port  uint16
 		ip    netip.Addr
 		serve func(net.Listener)
 	}
-	specs := []listener{
+	specs := []spec{
 		{"hbone", p.ports.HBONE, ip, func(l net.Listener) { _ = p.server.Serve(l) }},
 		{"socks5", p.ports.SOCKS, ip, p.serveSOCKS},
 		{"outbound", p.ports.Outbound, ip, p.serveCaptured},
@@ -322,7 +336,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			closeAll()
 			return fmt.Errorf("proxy: %s listener: %w", s.name, err)
 		}
-		ls = append(ls, l)
+		ls = append(ls, p.guard(l, s.name))
 		p.log.Info("listening", "listener", s.name, "addr", l.Addr().String())
 	}
 	for i, s := range specs {
@@ -348,15 +362,44 @@ func (p *Proxy) Run(ctx context.Context) error {
 	return nil
 }
 
+// guard wraps a listener of the proxy's so that its accept loop survives
+// running out of descriptors (see listener.Guard) and readiness says when
+// it cannot accept. The readiness listener's shed connections are told
+// 503 with the reason rather than reset: a probe then reads "not ready".
+func (p *Proxy) guard(l net.Listener, name string) *listener.Guarded {
+	o := listener.Options{Name: name, Log: p.log, Health: &p.health}
+	if name == "readiness" {
+		o.Shed = p.shedReadiness
+	}
+	return listener.Guard(l, o)
+}
+
+// shedReadiness answers a readiness probe accepted with the reserve
+// descriptor: 503 and why. The request is read first (briefly), so that
+// closing does not reset the answer away.
+func (p *Proxy) shedReadiness(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
+	var buf [2048]byte
+	_, _ = c.Read(buf[:])
+	_, why := p.Ready()
+	if why == "ready" {
+		why = "out of descriptors"
+	}
+	why += "\n"
+	fmt.Fprintf(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(why), why)
+}
+
 // acceptLoop accepts until the listener closes and serves each connection
 // in a goroutine owned by the proxy. serve returns true when it handed the
 // connection on (to a relay, which closes it); otherwise it is closed here.
+// The listener is guarded: Accept fails only once it is closed.
 func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
-				p.log.Error("accept", "addr", l.Addr().String(), "err", err)
+				p.log.Error("accept loop ended", "addr", l.Addr().String(), "err", err)
 			}
 			return
 		}

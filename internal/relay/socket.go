@@ -1,6 +1,8 @@
 package relay
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -104,11 +106,16 @@ func (p *Poller) register(fd int) (*Socket, error) {
 
 // Connect connects fd, a non-blocking socket (bound or not), to sa, and
 // returns it as a Socket of p's, having waited for the handshake in p's
-// set until deadline (none if zero). A socket made for relaying needs no
-// net.TCPConn on the way: none of the runtime's poll state made and
-// dropped, no duplicate (Adopt's), ~6 syscalls fewer per connection. p
-// owns fd from the call on, whatever the outcome.
-func (p *Poller) Connect(fd int, sa unix.Sockaddr, deadline time.Time) (*Socket, error) {
+// set until ctx's deadline; cancelling ctx ends the wait at once (a
+// stream reset while its upstream is dialled). A socket made for relaying
+// needs no net.TCPConn on the way: none of the runtime's poll state made
+// and dropped, no duplicate (Adopt's), ~6 syscalls fewer per connection.
+// p owns fd from the call on, whatever the outcome.
+func (p *Poller) Connect(ctx context.Context, fd int, sa unix.Sockaddr) (*Socket, error) {
+	if err := ctx.Err(); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("relay: connect: %w", err)
+	}
 	err := unix.Connect(fd, sa)
 	switch err {
 	case nil, unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
@@ -127,21 +134,34 @@ func (p *Poller) Connect(fd int, sa unix.Sockaddr, deadline time.Time) (*Socket,
 		return s, nil
 	}
 	var t *time.Timer
-	if !deadline.IsZero() {
+	if deadline, ok := ctx.Deadline(); ok {
 		t = time.NewTimer(time.Until(deadline))
 		defer t.Stop()
 	}
+	// Close wakes the wait below, which then fails on the closed socket.
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	fail := func(err error) (*Socket, error) {
+		s.Close()
+		if !stop() && ctx.Err() == context.Canceled {
+			return nil, fmt.Errorf("relay: connect: %w", ctx.Err())
+		}
+		return nil, err
+	}
 	for {
 		if werr := s.wait(true, t); werr != nil {
-			s.Close()
-			return nil, werr // errTimeout is os.ErrDeadlineExceeded
+			return fail(werr) // errTimeout is os.ErrDeadlineExceeded
 		}
 		done, cerr := s.connected()
 		if cerr != nil {
-			s.Close()
-			return nil, cerr
+			if errors.Is(cerr, net.ErrClosed) && ctx.Err() == context.DeadlineExceeded {
+				cerr = errTimeout // the context's deadline closed it before the timer fired
+			}
+			return fail(cerr)
 		}
 		if done {
+			if !stop() {
+				return fail(ctx.Err()) // ended as it connected
+			}
 			return s, nil
 		}
 	}

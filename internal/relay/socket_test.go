@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -248,7 +249,7 @@ func TestPollerConnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	s, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, l.Addr()), time.Now().Add(5*time.Second))
+	s, err := p.Connect(ctxFor(t, 5*time.Second), tcpSocket(t), loopbackSockaddr(t, l.Addr()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +272,7 @@ func TestPollerConnect(t *testing.T) {
 	addr := closed.Addr()
 	closed.Close()
 	before := openFDs(t)
-	if _, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, addr), time.Now().Add(5*time.Second)); !errors.Is(err, unix.ECONNREFUSED) {
+	if _, err := p.Connect(ctxFor(t, 5*time.Second), tcpSocket(t), loopbackSockaddr(t, addr)); !errors.Is(err, unix.ECONNREFUSED) {
 		t.Errorf("connect to a closed port: %v, want ECONNREFUSED", err)
 	}
 	if got := openFDs(t); got != before {
@@ -301,9 +302,43 @@ func TestPollerConnect(t *testing.T) {
 		held = append(held, c)
 	}
 	start := time.Now()
-	if _, err := p.Connect(tcpSocket(t), loopbackSockaddr(t, full.Addr()), time.Now().Add(300*time.Millisecond)); !errors.Is(err, os.ErrDeadlineExceeded) {
+	if _, err := p.Connect(ctxFor(t, 300*time.Millisecond), tcpSocket(t), loopbackSockaddr(t, full.Addr())); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("connect to a full backlog: %v, want the deadline", err)
 	} else if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("the deadline of 300 ms ended the connect after %v", d)
 	}
+
+	// Cancelled while the handshake hangs (its stream was reset): the
+	// wait ends with the cancellation, long before the deadline, and
+	// leaves no descriptor behind.
+	before = openFDs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := p.Connect(ctx, tcpSocket(t), loopbackSockaddr(t, full.Addr()))
+		errc <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // most likely waiting by now; either way it must end cancelled
+	cancel()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("cancelled connect: %v, want context.Canceled", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a cancelled connect did not end")
+	}
+	if got := openFDs(t); got != before {
+		t.Errorf("open descriptors %d after a cancelled connect, %d before", got, before)
+	}
+	if _, err := p.Connect(ctx, tcpSocket(t), loopbackSockaddr(t, l.Addr())); !errors.Is(err, context.Canceled) {
+		t.Errorf("connect with a context already cancelled: %v, want context.Canceled", err)
+	}
+}
+
+// ctxFor is a context with a timeout, cancelled when the test ends.
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
 }
