@@ -69,8 +69,8 @@ type Options struct {
 	AdminIP netip.Addr
 	Ports   Ports
 
-	Certs     *identity.Manager
-	HBONE     hbone.Config
+	Certs *identity.Manager
+	HBONE hbone.Config
 	// MaxDials bounds the connections to applications being set up at
 	// once, for the whole proxy and for one peer (its identity, or its
 	// address in plaintext); a connection beyond either is answered 503
@@ -78,11 +78,11 @@ type Options struct {
 	// streams, or calls an app that never answers, cannot hold all of them.
 	MaxDials     int
 	MaxPeerDials int
-	Log       *slog.Logger       // nil: discard
-	AccessLog *slog.Logger       // nil: Log
-	LogLevel  *slog.LevelVar     // changed by the admin /logging endpoint; may be nil
-	Metrics   *telemetry.Metrics // may be nil
-	Version   string
+	Log          *slog.Logger       // nil: discard
+	AccessLog    *slog.Logger       // nil: Log
+	LogLevel     *slog.LevelVar     // changed by the admin /logging endpoint; may be nil
+	Metrics      *telemetry.Metrics // may be nil
+	Version      string
 }
 
 // Proxy is one running node proxy.
