@@ -337,6 +337,17 @@ func TestOversizedHeadersAnswered431(t *testing.T) {
 	if ev := p.awaitStream(3, 10*time.Second); ev.kind != "headers" || ev.status != "200" {
 		t.Fatalf("a normal CONNECT after the 431: %+v, want 200", ev)
 	}
+	// Each oversized list takes oversizedCost from the reset budget: a
+	// peer that keeps sending them is cut off after burst/cost.
+	wmu.Lock()
+	for id := uint32(5); id < 5+2*(DefaultResetBurst/oversizedCost+5); id += 2 {
+		p.connect(id, echo.String(), true, pad...)
+	}
+	p.flush()
+	wmu.Unlock()
+	if ev := p.await("goaway", 10*time.Second); ev.code != http2.ErrCodeEnhanceYourCalm {
+		t.Errorf("GOAWAY code %v after a run of oversized header lists, want ENHANCE_YOUR_CALM", ev.code)
+	}
 }
 
 // A header block of empty CONTINUATION frames without end is cut off

@@ -57,6 +57,7 @@ type Guarded struct {
 
 	closed  chan struct{}
 	closeMu sync.Once
+	own     sync.Mutex // the reserve lock when there is no Health to share one
 
 	mu       sync.Mutex // held by Accept: one accepter at a time
 	reserve  *os.File   // a spare descriptor, given up to shed a connection
@@ -125,21 +126,46 @@ type deadliner interface{ SetDeadline(time.Time) error }
 
 // Accept waits for a connection. It returns an error only once the
 // listener is closed.
+//
+// While failing, each attempt is one non-blocking accept made under the
+// process's reserve lock (Health's): out of descriptors, every one freed
+// is taken by whichever accept runs first, and a listener whose attempt
+// fell between another's giving up its reserve and taking it back would
+// take it; the other, readiness say, would have none left to answer with.
 func (g *Guarded) Accept() (net.Conn, error) {
 	backoff := minBackoff
+	dl, canTime := g.Listener.(deadliner)
 	for {
 		g.mu.Lock()
 		failing := g.failing
 		g.mu.Unlock()
-		dl, canTime := g.Listener.(deadliner)
-		if canTime {
-			if failing {
-				_ = dl.SetDeadline(time.Now().Add(recheck))
-			} else {
+		var c net.Conn
+		var err error
+		if failing && canTime {
+			lock := g.reserveLock()
+			lock.Lock()
+			_ = dl.SetDeadline(time.Now().Add(time.Millisecond))
+			c, err = g.Listener.Accept()
+			var ne net.Error
+			if err != nil && errors.As(err, &ne) && ne.Timeout() {
+				free := g.descriptorsFree()
+				lock.Unlock()
+				if free {
+					g.recovered()
+					continue
+				}
+				if g.sleep(recheck) {
+					return nil, net.ErrClosed
+				}
+				continue
+			}
+			lock.Unlock()
+		} else {
+			if canTime {
 				_ = dl.SetDeadline(time.Time{})
 			}
+			c, err = g.Listener.Accept()
 		}
-		c, err := g.Listener.Accept()
 		if err == nil {
 			g.recovered()
 			return c, nil
@@ -152,26 +178,36 @@ func (g *Guarded) Accept() (net.Conn, error) {
 		if errors.Is(err, net.ErrClosed) {
 			return nil, err // closed under us, not through Close
 		}
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() && failing {
-			if g.descriptorsFree() {
-				g.recovered()
-			}
-			continue
-		}
 		g.failed(err)
 		if exhausted(err) {
 			g.shedOne()
 		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-g.closed:
-			t.Stop()
+		if g.sleep(backoff) {
 			return nil, net.ErrClosed
-		case <-t.C:
 		}
 		backoff = min(2*backoff, maxBackoff)
 	}
+}
+
+// sleep waits d; true if the listener was closed meanwhile.
+func (g *Guarded) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-g.closed:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// reserveLock is the lock every use of a reserve descriptor holds: the
+// Health's, shared by the process's listeners, or the listener's own.
+func (g *Guarded) reserveLock() *sync.Mutex {
+	if g.opts.Health != nil {
+		return &g.opts.Health.reserveMu
+	}
+	return &g.own
 }
 
 // failed records and, at most every logEvery, logs a failure.
@@ -212,6 +248,9 @@ func (g *Guarded) recovered() {
 // in the backlog with it and closes it, then takes the reserve back. The
 // wait for it is short: the accept that failed means one is there.
 func (g *Guarded) shedOne() {
+	lock := g.reserveLock()
+	lock.Lock()
+	defer lock.Unlock()
 	g.mu.Lock()
 	r := g.reserve
 	g.reserve = nil
@@ -243,7 +282,8 @@ func (g *Guarded) shedOne() {
 }
 
 // descriptorsFree reports whether a descriptor beyond the reserve can be
-// had, taking the reserve back first if it was given up.
+// had, taking the reserve back first if it was given up. The reserve lock
+// must be held.
 func (g *Guarded) descriptorsFree() bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -277,8 +317,9 @@ func reset(c net.Conn) {
 
 // Health collects the guarded listeners of a process, for readiness.
 type Health struct {
-	mu sync.Mutex
-	ls map[*Guarded]struct{}
+	mu        sync.Mutex
+	ls        map[*Guarded]struct{}
+	reserveMu sync.Mutex // see Guarded.Accept
 }
 
 func (h *Health) add(g *Guarded) {
