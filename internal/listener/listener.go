@@ -179,8 +179,11 @@ func (g *Guarded) Accept() (net.Conn, error) {
 			return nil, err // closed under us, not through Close
 		}
 		g.failed(err)
-		if exhausted(err) {
-			g.shedOne()
+		if exhausted(err) && g.shedOne() {
+			// A connection was taken off the backlog: progress, not a
+			// spin. The next one (a readiness probe, say) is answered
+			// within the shortest back-off, not after a second.
+			backoff = minBackoff
 		}
 		if g.sleep(backoff) {
 			return nil, net.ErrClosed
@@ -246,8 +249,9 @@ func (g *Guarded) recovered() {
 
 // shedOne gives up the reserve descriptor, takes the connection waiting
 // in the backlog with it and closes it, then takes the reserve back. The
-// wait for it is short: the accept that failed means one is there.
-func (g *Guarded) shedOne() {
+// wait for it is short: the accept that failed means one is there. It
+// reports whether a connection was shed.
+func (g *Guarded) shedOne() bool {
 	lock := g.reserveLock()
 	lock.Lock()
 	defer lock.Unlock()
@@ -257,7 +261,7 @@ func (g *Guarded) shedOne() {
 	g.mu.Unlock()
 	if r == nil {
 		if r, _ = openReserve(); r == nil {
-			return // none free, and none kept: nothing to shed with
+			return false // none free, and none kept: nothing to shed with
 		}
 	}
 	r.Close()
@@ -279,6 +283,7 @@ func (g *Guarded) shedOne() {
 	g.mu.Lock()
 	g.reserve = nr
 	g.mu.Unlock()
+	return err == nil
 }
 
 // descriptorsFree reports whether a descriptor beyond the reserve can be
