@@ -1139,13 +1139,6 @@ func (c *conn) load() (int, bool) {
 	return len(c.streams) + c.reserved, !c.closed && !c.goingAway
 }
 
-func (c *conn) unreserve() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.reserved--
-	c.checkIdleLocked()
-}
-
 // activeStreams counts open streams.
 func (c *conn) activeStreams() int {
 	c.mu.Lock()

@@ -1,7 +1,6 @@
 package listener
 
 import (
-	"bytes"
 	"errors"
 	"io"
 	"log/slog"
@@ -13,25 +12,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ambitmesh/ambit/internal/testutil"
 )
-
-// syncBuffer is a log sink safe for the accept goroutine and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func openFDs(t *testing.T) int {
 	t.Helper()
@@ -48,7 +31,7 @@ func openFDs(t *testing.T) int {
 // in the log with a count and in Health; once descriptors are free again
 // it recovers by itself, with no connection needed to notice, and serves.
 func TestGuardSurvivesDescriptorExhaustion(t *testing.T) {
-	var logs syncBuffer
+	var logs testutil.Buffer
 	var health Health
 	raw, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
