@@ -98,14 +98,13 @@ func (g *Guarded) Close() error {
 		if g.opts.Health != nil {
 			g.opts.Health.remove(g)
 		}
-		// The reserve goes once no Accept can use it.
+		// The reserve goes once no shed holds it (setReserve closes any
+		// taken back later).
 		go func() {
-			g.mu.Lock()
-			defer g.mu.Unlock()
-			if g.reserve != nil {
-				g.reserve.Close()
-				g.reserve = nil
-			}
+			lock := g.reserveLock()
+			lock.Lock()
+			defer lock.Unlock()
+			g.setReserve(nil)
 		}()
 	})
 	return err
@@ -226,7 +225,11 @@ func (g *Guarded) failed(err error) {
 	g.failures++
 	if now.Sub(g.lastLog) >= logEvery {
 		g.lastLog = now
-		g.log.Error("accept failed; retrying with back-off, readiness is false meanwhile",
+		msg := "accept failed; retrying with back-off"
+		if g.opts.Health != nil {
+			msg += ", readiness is false meanwhile"
+		}
+		g.log.Error(msg,
 			"listener", g.opts.Name, "addr", g.Addr().String(), "err", err,
 			"failures", g.failures, "shed", g.shed, "since", g.since.Format(time.RFC3339Nano), "failures_total", g.total.Load())
 	}
@@ -241,7 +244,8 @@ func (g *Guarded) recovered() {
 	}
 	g.failing = false
 	if g.reserve == nil {
-		g.reserve, _ = openReserve()
+		r, _ := openReserve()
+		g.setReserveLocked(r)
 	}
 	g.log.Warn("accepting again", "listener", g.opts.Name, "addr", g.Addr().String(),
 		"failures", g.failures, "shed", g.shed, "after", time.Since(g.since).Round(time.Millisecond).String())
@@ -281,9 +285,32 @@ func (g *Guarded) shedOne() bool {
 	}
 	nr, _ := openReserve()
 	g.mu.Lock()
-	g.reserve = nr
+	g.setReserveLocked(nr)
 	g.mu.Unlock()
 	return err == nil
+}
+
+// setReserve replaces the reserve descriptor; once the listener is
+// closed, any new one is closed at once.
+func (g *Guarded) setReserve(r *os.File) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.setReserveLocked(r)
+}
+
+func (g *Guarded) setReserveLocked(r *os.File) {
+	if g.reserve != nil && g.reserve != r {
+		g.reserve.Close()
+	}
+	g.reserve = r
+	select {
+	case <-g.closed:
+		if g.reserve != nil {
+			g.reserve.Close()
+			g.reserve = nil
+		}
+	default:
+	}
 }
 
 // descriptorsFree reports whether a descriptor beyond the reserve can be
@@ -293,7 +320,8 @@ func (g *Guarded) descriptorsFree() bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.reserve == nil {
-		if g.reserve, _ = openReserve(); g.reserve == nil {
+		r, _ := openReserve()
+		if g.setReserveLocked(r); g.reserve == nil {
 			return false
 		}
 	}
