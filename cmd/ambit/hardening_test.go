@@ -516,19 +516,7 @@ type hardAttacker struct {
 func (p *hardProxy) dialAttacker() *hardAttacker {
 	t := p.t
 	t.Helper()
-	cert := p.attacker
-	cfg := &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{*cert.TLS()},
-		NextProtos:         []string{"h2"},
-		InsecureSkipVerify: true, // the chain is checked below; the server's identity is not the point
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			_, err := identity.VerifyChain(cs.PeerCertificates, cert.RootPool(), time.Now())
-			return err
-		},
-	}
-	nd := &net.Dialer{Timeout: hardDeadline, LocalAddr: &net.TCPAddr{IP: net.ParseIP(hardAttackerIP)}}
-	tc, err := tls.DialWithDialer(nd, "tcp", hardHBONE, cfg)
+	tc, err := p.dialAttackerTLS()
 	if err != nil {
 		t.Fatalf("attacker: TLS to %s: %v", hardHBONE, err)
 	}
@@ -1285,17 +1273,7 @@ func TestHardeningSustainedAttacks(t *testing.T) {
 // server closes, returning the GOAWAY code it sent (-1 if none) and the
 // units written.
 func (p *hardProxy) attackOnce(attack func(*bufio.Writer, *http2.Framer, func(...hpack.HeaderField) []byte) int) (http2.ErrCode, int, error) {
-	cert := p.attacker
-	cfg := &tls.Config{
-		MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{*cert.TLS()}, NextProtos: []string{"h2"},
-		InsecureSkipVerify: true, // the chain is checked below
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			_, err := identity.VerifyChain(cs.PeerCertificates, cert.RootPool(), time.Now())
-			return err
-		},
-	}
-	nd := &net.Dialer{Timeout: hardDeadline, LocalAddr: &net.TCPAddr{IP: net.ParseIP(hardAttackerIP)}}
-	tc, err := tls.DialWithDialer(nd, "tcp", hardHBONE, cfg)
+	tc, err := p.dialAttackerTLS()
 	if err != nil {
 		return 0, 0, err
 	}
@@ -1357,4 +1335,23 @@ func hardCPU(t *testing.T, pid int) time.Duration {
 		t.Fatalf("/proc/%d/stat: %q", pid, b)
 	}
 	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+}
+
+// dialAttackerTLS completes TCP from the attacker's IP and TLS 1.3 with
+// ALPN h2 and the attacker's certificate (no *testing.T: the sustained
+// attacks call it from their goroutine).
+func (p *hardProxy) dialAttackerTLS() (*tls.Conn, error) {
+	cert := p.attacker
+	cfg := &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{*cert.TLS()},
+		NextProtos:         []string{"h2"},
+		InsecureSkipVerify: true, // the chain is checked below; the server's identity is not the point
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			_, err := identity.VerifyChain(cs.PeerCertificates, cert.RootPool(), time.Now())
+			return err
+		},
+	}
+	nd := &net.Dialer{Timeout: hardDeadline, LocalAddr: &net.TCPAddr{IP: net.ParseIP(hardAttackerIP)}}
+	return tls.DialWithDialer(nd, "tcp", hardHBONE, cfg)
 }

@@ -526,25 +526,30 @@ func TestResetBucket(t *testing.T) {
 	b := newResetBucket(Config{ResetBurst: 3, ResetRate: 2})
 	now := time.Unix(1000, 0)
 	for i := range 3 {
-		if !b.take(now) {
+		if !b.take(now, 1) {
 			t.Fatalf("token %d of a burst of 3 refused", i)
 		}
 	}
-	if b.take(now) {
+	if b.take(now, 1) {
 		t.Fatal("a fourth token at once was granted")
 	}
-	if !b.take(now.Add(600 * time.Millisecond)) { // 1.2 tokens back at 2/s
+	if !b.take(now.Add(600*time.Millisecond), 1) { // 1.2 tokens back at 2/s
 		t.Fatal("no token 600 ms later at 2 per second")
 	}
-	if b.take(now.Add(700 * time.Millisecond)) {
+	if b.take(now.Add(700*time.Millisecond), 1) {
 		t.Fatal("a second token 100 ms after the first refill")
 	}
 	later, got := now.Add(time.Hour), 0
-	for b.take(later) {
+	for b.take(later, 1) {
 		got++
 	}
 	if got != 3 {
 		t.Fatalf("an hour later the bucket held %d tokens, want its burst of 3", got)
+	}
+	// Several at once (an oversized header list's cost): all or none.
+	b = newResetBucket(Config{ResetBurst: 3, ResetRate: 2})
+	if b.take(now, 4) || !b.take(now, 3) || b.take(now, 1) {
+		t.Fatal("taking 4 of 3 tokens, then 3, then 1 more: want no, yes, no")
 	}
 }
 

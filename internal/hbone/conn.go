@@ -393,15 +393,12 @@ func (c *conn) drain(rounds int) error {
 			break
 		}
 		c.wq, c.wspare = c.wspare[:0], nil
+		c.mu.Unlock()
 		var ctrl int32
 		for i := range q {
 			if q[i].kind.control() {
 				ctrl++
 			}
-		}
-		c.ctrlQueued.Add(-ctrl)
-		c.mu.Unlock()
-		for i := range q {
 			if werr == nil {
 				werr = c.writeFrame(&q[i])
 			}
@@ -414,6 +411,7 @@ func (c *conn) drain(rounds int) error {
 			}
 			q[i] = outFrame{}
 		}
+		c.ctrlQueued.Add(-ctrl) // written (or failed): no longer owed
 		c.mu.Lock()
 		c.wspare = q[:0]
 		if werr != nil && c.werr == nil {
@@ -654,31 +652,6 @@ func (c *conn) readFrames() error {
 			return connError{http2.ErrCodeEnhanceYourCalm, fmt.Sprintf("the peer does not read: %d frames owed to it are queued (the bound is %d)", n, c.cfg.MaxControlFrames)}
 		}
 	}
-}
-
-// spendReset takes a token from the reset budget for a stream the peer
-// reset before its answer, or made us reset or refuse (why names which);
-// an empty budget is the peer's connection error. readLoop's only.
-func (c *conn) spendReset(why string) error { return c.spendResets(1, why) }
-
-// oversizedCost is what a header list over the limit takes from the
-// reset budget: decoding up to twice the limit of HPACK (x/net's Framer
-// bounds it there) cost ~0.85 ms of CPU per 431 against a proxy process,
-// some forty times a reset stream; at one token each, one connection
-// bought 220 ms of CPU.
-const oversizedCost = 10
-
-// spendResets is spendReset for n tokens at once.
-func (c *conn) spendResets(n int, why string) error {
-	ok := true
-	now := time.Now()
-	for range n {
-		ok = c.resets.take(now) && ok
-	}
-	if ok {
-		return nil
-	}
-	return connError{http2.ErrCodeEnhanceYourCalm, fmt.Sprintf("%s: %d streams reset or refused early, more than the budget (%d, then %g per second)", why, c.resets.spent, c.cfg.ResetBurst, c.cfg.ResetRate)}
 }
 
 func (c *conn) handleFrame(f http2.Frame) error {
@@ -993,52 +966,6 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}()
 	}
 	return nil
-}
-
-// handlerDone ends a stream's handler: its context is cancelled, and the
-// stream's slot is free if the stream is over too.
-func (c *conn) handlerDone(s *Stream) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	cancel := c.handlers[s.id]
-	if cancel == nil {
-		return
-	}
-	cancel()
-	delete(c.handlers, s.id)
-	if len(c.handlers) == 0 {
-		// A map keeps its largest size: one that held a burst's
-		// handlers would stay with every idle connection (0.4 MB over
-		// 100 connections after 10,000 set-ups).
-		c.handlers = nil
-	}
-	if s.removed {
-		c.orphans--
-		c.slotFreedLocked()
-	}
-}
-
-// goneLocked marks a server stream over: its handler, if it still runs,
-// is cancelled (no dial goes on for a stream that is gone) and keeps the
-// slot until it returns; otherwise the slot is free now.
-func (c *conn) goneLocked(s *Stream) {
-	if c.client {
-		return
-	}
-	if cancel := c.handlers[s.id]; cancel != nil {
-		cancel()
-		c.orphans++
-		return
-	}
-	c.slotFreedLocked()
-}
-
-// slotFreedLocked gives a finished server stream's slot back.
-func (c *conn) slotFreedLocked() {
-	if c.limits != nil {
-		c.limits.release(c.peerN)
-	}
-	c.checkIdleLocked()
 }
 
 func regularHeaders(f *http2.MetaHeadersFrame) http.Header {

@@ -321,7 +321,8 @@ func (g *Guarded) descriptorsFree() bool {
 	defer g.mu.Unlock()
 	if g.reserve == nil {
 		r, _ := openReserve()
-		if g.setReserveLocked(r); g.reserve == nil {
+		g.setReserveLocked(r)
+		if g.reserve == nil {
 			return false
 		}
 	}
