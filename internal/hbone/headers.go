@@ -277,13 +277,40 @@ func (b Baggage) String() string {
 		if m.Value == "" {
 			continue
 		}
-		p := m.Key + "=" + url.PathEscape(m.Value)
+		p := m.Key + "=" + escapeBaggageValue(m.Value)
 		if m.Properties != "" {
 			p += ";" + m.Properties
 		}
 		parts = append(parts, p)
 	}
 	return strings.Join(parts, ",")
+}
+
+// isBaggageOctet reports whether c may stand unescaped in a baggage value
+// (W3C baggage-octet: printable ASCII but space, '"', ',', ';' and '\\').
+func isBaggageOctet(c byte) bool {
+	return c >= 0x21 && c <= 0x7e && c != '"' && c != ',' && c != ';' && c != '\\'
+}
+
+// escapeBaggageValue percent-encodes only what the baggage grammar needs:
+// bytes outside baggage-octet, and '%' itself. url.PathEscape also encodes
+// '!', '(', '[' and the like, so a header that parsed within the 8192-byte
+// limit could format to three times its length and be refused when read
+// back (FuzzParseBaggage found it); this never makes a parsed value longer.
+func escapeBaggageValue(v string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if isBaggageOctet(c) && c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteByte('%')
+		b.WriteByte(hex[c>>4])
+		b.WriteByte(hex[c&0xf])
+	}
+	return b.String()
 }
 
 // ParseBaggage reads a baggage header strictly.
@@ -311,7 +338,7 @@ func ParseBaggage(s string) (Baggage, error) {
 			}
 		}
 		for i := 0; i < len(v); i++ {
-			if c := v[i]; c < 0x21 || c == '"' || c == ',' || c == ';' || c == '\\' || c > 0x7e {
+			if c := v[i]; !isBaggageOctet(c) {
 				return nil, fmt.Errorf("baggage: value of %q has character %q", k, c)
 			}
 		}
