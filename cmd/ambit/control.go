@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/control"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/spf13/cobra"
@@ -34,7 +35,7 @@ func newControlCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return control.Run(cmd.Context(), &control.FileSource{Path: cfgPath, Log: log}, ca, tokens, ap, log)
+			return control.Run(cmd.Context(), &config.Watcher{Path: cfgPath, Log: log}, ca, tokens, ap, log)
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", "", "ztunnel-format mesh config, watched (required)")

@@ -17,7 +17,12 @@ func newLabCmd() *cobra.Command {
 		Short: "A cluster of network namespaces on this machine: nodes, pods, the wire between them",
 	}
 	cmd.PersistentFlags().StringVar(&name, "name", "seed", "the lab's name (prefix of its namespaces)")
+	cmd.AddCommand(labUpCmd(&name), labDownCmd(&name), labStatusCmd(&name), labExecCmd(&name), labNSExecCmd(),
+		labServeCmd(), labEnrollCmd(&name, true), labEnrollCmd(&name, false), labRestartCmd(&name))
+	return cmd
+}
 
+func labUpCmd(name *string) *cobra.Command {
 	var file string
 	var noMesh bool
 	up := &cobra.Command{
@@ -30,7 +35,7 @@ func newLabCmd() *cobra.Command {
 				return err
 			}
 			if cmd.Flags().Changed("name") {
-				topo.Name = name
+				topo.Name = *name
 			}
 			self, err := os.Executable()
 			if err != nil {
@@ -46,8 +51,11 @@ func newLabCmd() *cobra.Command {
 	}
 	up.Flags().StringVarP(&file, "file", "f", "", "topology file (default: the seed's, examples/seed-lab.yaml)")
 	up.Flags().BoolVar(&noMesh, "no-mesh", false, "build only the network: no node agents, no proxies")
+	return up
+}
 
-	down := &cobra.Command{
+func labDownCmd(name *string) *cobra.Command {
+	return &cobra.Command{
 		Use:   "down",
 		Short: "Remove the lab: its processes, namespaces, links and rules",
 		Args:  cobra.NoArgs,
@@ -55,49 +63,61 @@ func newLabCmd() *cobra.Command {
 			if os.Geteuid() != 0 {
 				return fmt.Errorf("lab down: removing network namespaces needs root")
 			}
-			if err := lab.Down(name); err != nil {
+			if err := lab.Down(*name); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "lab %q is down\n", name)
+			fmt.Fprintf(cmd.OutOrStdout(), "lab %q is down\n", *name)
 			return nil
 		},
 	}
-	status := &cobra.Command{
+}
+
+func labStatusCmd(name *string) *cobra.Command {
+	return &cobra.Command{
 		Use:   "status",
 		Short: "List the lab's namespaces and addresses",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			lines, err := lab.Status(name)
+			lines, err := lab.Status(*name)
 			if err != nil {
 				return err
 			}
 			if len(lines) == 0 {
-				fmt.Fprintf(cmd.OutOrStdout(), "lab %q is not up\n", name)
+				fmt.Fprintf(cmd.OutOrStdout(), "lab %q is not up\n", *name)
 				return nil
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), strings.Join(lines, "\n"))
 			return nil
 		},
 	}
-	exec := &cobra.Command{
+}
+
+func labExecCmd(name *string) *cobra.Command {
+	return &cobra.Command{
 		Use:   "exec POD|node/NODE -- COMMAND [ARGS...]",
 		Short: "Run a command inside a pod's (or a node's) network namespace",
 		Args:  cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			target := args[0]
-			ns := "ambit-" + name + "-pod-" + target
+			ns := "ambit-" + *name + "-pod-" + target
 			if node, ok := strings.CutPrefix(target, "node/"); ok {
-				ns = "ambit-" + name + "-node-" + node
+				ns = "ambit-" + *name + "-node-" + node
 			}
 			return lab.ExecIn(ns, args[1:])
 		},
 	}
-	nsexec := &cobra.Command{
+}
+
+func labNSExecCmd() *cobra.Command {
+	return &cobra.Command{
 		Use:    "nsexec NETNS -- COMMAND [ARGS...]",
 		Hidden: true, // how lab up starts processes inside namespaces
 		Args:   cobra.MinimumNArgs(2),
 		RunE:   func(cmd *cobra.Command, args []string) error { return lab.ExecIn(args[0], args[1:]) },
 	}
+}
+
+func labServeCmd() *cobra.Command {
 	var proto string
 	var port int
 	serve := &cobra.Command{
@@ -114,36 +134,39 @@ func newLabCmd() *cobra.Command {
 	}
 	serve.Flags().StringVar(&proto, "protocol", "http", "http or tcp-echo")
 	serve.Flags().IntVar(&port, "port", 80, "port to listen on")
-	enroll := &cobra.Command{
-		Use:   "enroll POD",
-		Short: "Put a pod in the mesh (capture on, served by its node's proxy)",
+	return serve
+}
+
+// labEnrollCmd is "enroll POD" (in) or "unenroll POD".
+func labEnrollCmd(name *string, in bool) *cobra.Command {
+	use, short := "enroll POD", "Put a pod in the mesh (capture on, served by its node's proxy)"
+	if !in {
+		use, short = "unenroll POD", "Take a pod out of the mesh: its next connections go direct"
+	}
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			t, err := lab.Current(name)
+			t, err := lab.Current(*name)
 			if err != nil {
 				return err
 			}
-			return t.Enroll(args[0])
-		},
-	}
-	unenroll := &cobra.Command{
-		Use:   "unenroll POD",
-		Short: "Take a pod out of the mesh: its next connections go direct",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			t, err := lab.Current(name)
-			if err != nil {
-				return err
+			if in {
+				return t.Enroll(args[0])
 			}
 			return t.Unenroll(args[0])
 		},
 	}
-	restart := &cobra.Command{
+}
+
+func labRestartCmd(name *string) *cobra.Command {
+	return &cobra.Command{
 		Use:   "restart-proxy NODE",
 		Short: "Stop and start a node's proxy (it takes its pods back from the node agent)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			t, err := lab.Current(name)
+			t, err := lab.Current(*name)
 			if err != nil {
 				return err
 			}
@@ -157,8 +180,6 @@ func newLabCmd() *cobra.Command {
 			return t.StartProxy(args[0], self)
 		},
 	}
-	cmd.AddCommand(up, down, status, exec, nsexec, serve, enroll, unenroll, restart)
-	return cmd
 }
 
 func loadTopology(file string) (*lab.Topology, []byte, error) {

@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,18 +29,20 @@ func TestWatcherAppliesGoodAndKeepsLastGood(t *testing.T) {
 	write(one)
 	applied := make(chan *workload.Index, 10)
 	rejected := make(chan error, 10)
-	w := &Watcher{Path: path, Interval: 20 * time.Millisecond,
-		Apply: func(ix *workload.Index) { applied <- ix }, OnError: func(err error) { rejected <- err }}
-	if err := w.Load(); err != nil {
-		t.Fatal(err)
-	}
+	w := &Watcher{Path: path, Interval: 20 * time.Millisecond, OnError: func(err error) { rejected <- err }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, func(ix *workload.Index) error { applied <- ix; return nil }) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
 	if ix := <-applied; len(ix.Workloads()) != 1 {
 		t.Fatal("initial load")
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { w.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	<-w.Synced()
 
 	write(two)
 	select {
@@ -78,8 +81,28 @@ func TestWatcherAppliesGoodAndKeepsLastGood(t *testing.T) {
 func TestLoadRefusesBadFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "mesh.yaml")
 	os.WriteFile(path, []byte("workloads: 3\n"), 0o644)
-	w := &Watcher{Path: path, Apply: func(*workload.Index) { t.Fatal("applied a bad file") }}
-	if err := w.Load(); err == nil || !strings.Contains(err.Error(), "mesh.yaml:1:12: workloads: want a list") {
+	w := &Watcher{Path: path}
+	if _, err := w.Load(); err == nil || !strings.Contains(err.Error(), "mesh.yaml:1:12: workloads: want a list") {
 		t.Fatalf("Load: %v", err)
+	}
+	err := w.Run(context.Background(), func(*workload.Index) error { t.Fatal("applied a bad file"); return nil })
+	if err == nil || !strings.Contains(err.Error(), "mesh.yaml:1:12: workloads: want a list") {
+		t.Fatalf("Run: %v", err)
+	}
+	select {
+	case <-w.Synced():
+		t.Fatal("synced on a bad file")
+	default:
+	}
+}
+
+// A first view its consumer refuses ends Run with the reason, file named.
+func TestWatcherFirstApplyRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mesh.yaml")
+	os.WriteFile(path, []byte("workloads:\n- {name: a, namespace: d, workloadIps: [\"10.0.0.1\"]}\n"), 0o644)
+	w := &Watcher{Path: path}
+	err := w.Run(context.Background(), func(*workload.Index) error { return errors.New("workload d/b is not in the config") })
+	if err == nil || !strings.Contains(err.Error(), "mesh.yaml: workload d/b is not in the config") {
+		t.Fatalf("Run: %v", err)
 	}
 }

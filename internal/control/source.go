@@ -2,82 +2,78 @@ package control
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
-	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/workload"
+	"golang.org/x/sync/errgroup"
 )
 
-// Source feeds the control plane its view of the mesh: the local file now,
-// Kubernetes next.
-type Source interface {
-	// Load returns the first view; the control plane does not start without it.
-	Load() (*workload.Index, error)
-	// Run hands each later view to publish until ctx ends.
-	Run(ctx context.Context, publish func(*workload.Index))
-}
+// SyncTimeout bounds the wait for a Source's first complete view.
+const SyncTimeout = 30 * time.Second
 
-// FileSource is a watched ztunnel-format config file.
-type FileSource struct {
-	Path string
-	Log  *slog.Logger
-
-	w *config.Watcher
-}
-
-// Load reads the file once.
-func (f *FileSource) Load() (*workload.Index, error) {
-	var first *workload.Index
-	f.w = &config.Watcher{Path: f.Path, Log: f.Log, Apply: func(ix *workload.Index) { first = ix }}
-	if err := f.w.Load(); err != nil {
-		return nil, err
-	}
-	return first, nil
-}
-
-// Run watches the file; a bad change is logged and skipped.
-func (f *FileSource) Run(ctx context.Context, publish func(*workload.Index)) {
-	f.w.Apply = publish
-	f.w.Run(ctx)
-}
-
-// Run serves the control plane on listen until ctx ends: the first view
-// from src, then every change it reports.
-func Run(ctx context.Context, src Source, ca *identity.CA, tokens Tokens, listen netip.AddrPort, log *slog.Logger) error {
+// Run serves the control plane on listen until ctx ends: the first complete
+// view from src (a watched file now, Kubernetes next), then every change it
+// reports. A change the server cannot publish is the source's to report.
+func Run(ctx context.Context, src workload.Source, ca *identity.CA, tokens Tokens, listen netip.AddrPort, log *slog.Logger) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	ix, err := src.Load()
-	if err != nil {
-		return err
-	}
-	srv, err := NewServer(ctx, ca, tokens, listen.Addr(), ix, log)
-	if err != nil {
-		return err
-	}
-	l, err := net.Listen("tcp", listen.String())
-	if err != nil {
-		return fmt.Errorf("control: %w", err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		src.Run(ctx, func(ix *workload.Index) {
-			if err := srv.SetIndex(ix); err != nil {
-				log.Error("change not published", "err", err)
+	g, gctx := errgroup.WithContext(ctx)
+	var views workload.Handoff
+	g.Go(func() error { return src.Run(gctx, views.Apply) })
+	serve := func() error {
+		select {
+		case <-src.Synced():
+		case <-gctx.Done():
+			return nil // the source's error, or ctx's end, is g's
+		case <-time.After(SyncTimeout):
+			return fmt.Errorf("control: no complete view of the mesh from its source within %v", SyncTimeout)
+		}
+		ix := views.Latest()
+		srv, err := NewServer(gctx, ca, tokens, listen.Addr(), ix, log)
+		if err != nil {
+			return err
+		}
+		if err := views.Attach(ix, srv.SetIndex); err != nil {
+			log.Error("change not published", "err", err)
+		}
+		l, err := net.Listen("tcp", listen.String())
+		if err != nil {
+			return fmt.Errorf("control: %w", err)
+		}
+		stopped := make(chan struct{})
+		defer close(stopped)
+		go func() { // ends with serve: Stop on ctx's end, or nothing once Serve returned
+			select {
+			case <-gctx.Done():
+				srv.Stop()
+			case <-stopped:
 			}
-		})
-	}()
-	go func() { <-ctx.Done(); srv.Stop() }()
-	log.Info("control plane serving", "addr", l.Addr().String(), "nodes", len(tokens))
-	err = srv.Serve(l)
-	<-done
-	if ctx.Err() != nil {
+		}()
+		log.Info("control plane serving", "addr", l.Addr().String(), "nodes", len(tokens))
+		if err := srv.Serve(l); err != nil && gctx.Err() == nil {
+			return err
+		}
 		return nil
 	}
-	return err
+	g.Go(func() error {
+		err := serve()
+		if err != nil {
+			return err
+		}
+		return errStopped // ends the source too
+	})
+	if err := g.Wait(); err != nil && !errors.Is(err, errStopped) {
+		return err
+	}
+	return nil
 }
+
+// errStopped is how the server's end reaches the source's goroutine.
+var errStopped = errors.New("control plane stopped")

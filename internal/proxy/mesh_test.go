@@ -151,27 +151,35 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 	certs := identity.NewManager(&identity.LocalIssuer{CA: ca}, log)
 	t.Cleanup(certs.Close)
 	n := &node{log: lb, metrics: telemetry.NewMetrics("test"), ip: ip}
-	var initial *workload.Index
-	w := &config.Watcher{Path: m.cfg, Interval: 30 * time.Millisecond, Log: log, Apply: func(ix *workload.Index) { initial = ix }}
-	if err := w.Load(); err != nil {
+	w := &config.Watcher{Path: m.cfg, Interval: 30 * time.Millisecond, Log: log}
+	ctx, cancel := context.WithCancel(context.Background())
+	var views workload.Handoff
+	watched := make(chan error, 1)
+	go func() { watched <- w.Run(ctx, views.Apply) }()
+	select {
+	case <-w.Synced():
+	case err := <-watched:
+		cancel()
 		t.Fatal(err)
 	}
+	initial := views.Latest()
 	opts.Certs, opts.Log, opts.Metrics, opts.Version, opts.LogLevel = certs, log, n.metrics, "test", new(slog.LevelVar)
 	p, err := New(opts, initial)
 	if err != nil {
+		cancel()
+		<-watched
 		t.Fatal(err)
 	}
 	n.p = p
-	w.Apply = func(ix *workload.Index) {
+	_ = views.Attach(initial, func(ix *workload.Index) error {
 		if err := p.SetIndex(ix); err != nil {
 			t.Errorf("SetIndex: %v", err)
 		}
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{}, 2)
-	go func() { _ = p.Run(ctx); done <- struct{}{} }()
-	go func() { w.Run(ctx); done <- struct{}{} }()
-	t.Cleanup(func() { cancel(); <-done; <-done })
+		return nil
+	})
+	ran := make(chan struct{})
+	go func() { _ = p.Run(ctx); close(ran) }()
+	t.Cleanup(func() { cancel(); <-ran; <-watched })
 	waitFor(t, opts.Workload+opts.Node+" ready", func() bool {
 		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, 15021).String() + "/healthz/ready")
 		if err != nil {

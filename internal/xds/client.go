@@ -19,22 +19,24 @@ import (
 )
 
 // Client subscribes (wildcard) to both types over delta ADS, keeps the
-// resources with their versions, and hands each consistent view to Apply.
-// A push that does not convert or does not fit together is NACKed with the
-// reason, and the previous view stays. It reconnects with backoff (10 ms
-// doubling to 15 s), telling the server what it holds.
+// resources with their versions, and hands each consistent view to Run's
+// apply. A push that does not convert or does not fit together is NACKed
+// with the reason, and the previous view stays. It reconnects with backoff
+// (10 ms doubling to 15 s), telling the server what it holds. It is a
+// workload.Source.
 type Client struct {
 	Conn   *grpc.ClientConn
 	NodeID string
-	// Apply receives each new index; an error NACKs the push.
-	Apply func(*workload.Index) error
-	Log   *slog.Logger
+	Log    *slog.Logger
 
 	mu       sync.Mutex
 	state    map[string]map[string]held // type -> name -> resource
 	acked    map[string]bool
 	lastNACK string
+	synced   chan struct{} // closed once both types were ACKed; made on first use
 }
+
+var _ workload.Source = (*Client)(nil)
 
 // held is a resource the client holds, converted.
 type held struct {
@@ -51,6 +53,21 @@ func (c *Client) Ready() bool {
 	return c.acked[AddressType] && c.acked[AuthorizationType]
 }
 
+// Synced is closed once both types were ACKed at least once: the view
+// applied last is complete.
+func (c *Client) Synced() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.syncedLocked()
+}
+
+func (c *Client) syncedLocked() chan struct{} {
+	if c.synced == nil {
+		c.synced = make(chan struct{})
+	}
+	return c.synced
+}
+
 // LastNACK is the reason of the latest rejected push, if any.
 func (c *Client) LastNACK() string {
 	c.mu.Lock()
@@ -58,8 +75,9 @@ func (c *Client) LastNACK() string {
 	return c.lastNACK
 }
 
-// Run keeps the subscription until ctx ends.
-func (c *Client) Run(ctx context.Context) error {
+// Run keeps the subscription until ctx ends, handing each new index to
+// apply (an error NACKs the push).
+func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) error {
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
@@ -72,7 +90,7 @@ func (c *Client) Run(ctx context.Context) error {
 	backoff := 10 * time.Millisecond
 	for {
 		start := time.Now()
-		err := c.session(ctx)
+		err := c.session(ctx, apply)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -89,7 +107,7 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 }
 
-func (c *Client) session(ctx context.Context) error {
+func (c *Client) session(ctx context.Context, apply func(*workload.Index) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := openADS(ctx, c.Conn)
@@ -114,7 +132,7 @@ func (c *Client) session(ctx context.Context) error {
 			return err
 		}
 		ack := &deltaRequest{nodeID: c.NodeID, typeURL: resp.typeURL, nonce: resp.nonce}
-		if err := c.handle(&resp); err != nil {
+		if err := c.handle(&resp, apply); err != nil {
 			ack.errorDetail = &rpcStatus{code: 3, message: err.Error()} // INVALID_ARGUMENT
 			c.mu.Lock()
 			c.lastNACK = err.Error()
@@ -129,7 +147,7 @@ func (c *Client) session(ctx context.Context) error {
 
 // handle applies one push to a copy of the state; only a push that
 // converts, fits together and is applied replaces the state.
-func (c *Client) handle(resp *deltaResponse) error {
+func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) error {
 	typ := resp.typeURL
 	if typ != AddressType && typ != AuthorizationType {
 		return fmt.Errorf("unknown type %s", typ)
@@ -184,14 +202,19 @@ func (c *Client) handle(resp *deltaResponse) error {
 	if err != nil {
 		return err
 	}
-	if c.Apply != nil {
-		if err := c.Apply(ix); err != nil {
+	if apply != nil {
+		if err := apply(ix); err != nil {
 			return err
 		}
 	}
 	c.mu.Lock()
 	c.state = next
 	c.acked[typ] = true
+	if c.acked[AddressType] && c.acked[AuthorizationType] {
+		if s := c.syncedLocked(); !isClosed(s) {
+			close(s)
+		}
+	}
 	c.mu.Unlock()
 	return nil
 }
@@ -228,4 +251,13 @@ func build(st map[string]map[string]held) (*workload.Index, error) {
 	slices.SortFunc(ss, func(a, b *workload.Service) int { return strings.Compare(a.Key().String(), b.Key().String()) })
 	slices.SortFunc(ps, func(a, b *authz.Policy) int { return strings.Compare(a.Key(), b.Key()) })
 	return workload.NewIndex(ws, ss, ps, workload.AllowDangling())
+}
+
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }

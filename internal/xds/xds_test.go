@@ -87,13 +87,19 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	}
 	defer conn.Close()
 	got := &latest{}
-	c := &Client{Conn: conn, NodeID: "node-a", Apply: got.apply}
+	c := &Client{Conn: conn, NodeID: "node-a"}
+	synced := c.Synced() // taken before Run: the same channel is closed later
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { c.Run(ctx); close(done) }()
+	go func() { c.Run(ctx, got.apply); close(done) }()
 	defer func() { cancel(); <-done }()
 
 	waitFor(t, "both types acked", c.Ready)
+	select {
+	case <-synced:
+	default:
+		t.Fatal("both types acked, Synced not closed")
+	}
 	waitFor(t, "the initial mesh", func() bool {
 		ix := got.get()
 		return ix != nil && len(ix.Workloads()) == 1 && len(ix.Services()) == 1 && len(ix.Policies()) == 1
@@ -176,8 +182,8 @@ func TestClientAgainstAMinimalServer(t *testing.T) {
 	}
 	defer conn.Close()
 	got := &latest{}
-	c := &Client{Conn: conn, NodeID: "n", Apply: got.apply}
-	go c.Run(ctx)
+	c := &Client{Conn: conn, NodeID: "n"}
+	go c.Run(ctx, got.apply)
 	waitFor(t, "the minimal server's resources", func() bool {
 		ix := got.get()
 		if ix == nil || !c.Ready() {
