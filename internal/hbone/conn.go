@@ -98,9 +98,7 @@ type conn struct {
 	peerStreams uint32                        // peer's SETTINGS_MAX_CONCURRENT_STREAMS
 	peerWindow  int32                         // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	peerFrame   uint32                        // peer's SETTINGS_MAX_FRAME_SIZE
-	sendWindow  int64                         // connection send window
-	recvWindow  int64                         // what the peer may still send us on the connection
-	recvUnacked int64                         // consumed but not yet returned by WINDOW_UPDATE
+	flow        flow                          // the connection's windows
 	goingAway   bool                          // GOAWAY sent or received: no new streams
 	closed      bool
 	err         error
@@ -155,8 +153,7 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 		peerStreams: cfg.MaxStreams, // until the peer's SETTINGS say otherwise
 		peerWindow:  65535,
 		peerFrame:   16384,
-		sendWindow:  65535,
-		recvWindow:  65535,
+		flow:        flow{send: 65535, recv: 65535},
 	}
 	if tc, ok := nc.(*tls.Conn); ok {
 		c.tls = tc.ConnectionState()
@@ -180,7 +177,7 @@ func newConn(nc net.Conn, client bool, cfg Config, log *slog.Logger) *conn {
 	c.queue(outFrame{kind: kindSettings})
 	if extra := int64(cfg.ConnWindow) - 65535; extra > 0 {
 		c.queue(outFrame{kind: kindWindow, val: uint32(extra)})
-		c.recvWindow += extra
+		c.flow.recv += extra
 	}
 	return c
 }
@@ -728,8 +725,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 			delta := int64(s.Val) - int64(c.peerWindow)
 			c.peerWindow = int32(s.Val)
 			for _, st := range c.streams {
-				st.sendWindow += delta
-				if st.sendWindow > 1<<31-1 {
+				if !st.flow.add(delta) {
 					return connError{http2.ErrCodeFlowControl, "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window"}
 				}
 				st.cond.Broadcast()
@@ -754,8 +750,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if f.StreamID == 0 {
-		c.sendWindow += int64(f.Increment)
-		if c.sendWindow > 1<<31-1 {
+		if !c.flow.add(int64(f.Increment)) {
 			return connError{http2.ErrCodeFlowControl, "connection window overflow"}
 		}
 		for _, s := range c.streams {
@@ -767,8 +762,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if s == nil {
 		return nil // a stream we already closed
 	}
-	s.sendWindow += int64(f.Increment)
-	if s.sendWindow > 1<<31-1 {
+	if !s.flow.add(int64(f.Increment)) {
 		c.resetLocked(s, http2.ErrCodeFlowControl, false)
 		return c.spendReset("stream window overflows")
 	}
@@ -781,8 +775,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	data := f.Data()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.recvWindow -= n
-	if c.recvWindow < 0 {
+	if !c.flow.receive(n) {
 		return connError{http2.ErrCodeFlowControl, "peer overran the connection window"}
 	}
 	s := c.streams[f.StreamID]
@@ -799,8 +792,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		}
 		return nil
 	}
-	s.recvWindow -= n
-	if s.recvWindow < 0 {
+	if !s.flow.receive(n) {
 		c.creditConnLocked(n)
 		c.resetLocked(s, http2.ErrCodeFlowControl, false)
 		return c.spendReset("streams over their window")
@@ -983,10 +975,9 @@ func regularHeaders(f *http2.MetaHeadersFrame) http.Header {
 // newStreamLocked registers a stream with the windows both sides agreed on.
 func (c *conn) newStreamLocked(id uint32) *Stream {
 	s := &Stream{
-		c:          c,
-		id:         id,
-		sendWindow: int64(c.peerWindow),
-		recvWindow: int64(c.cfg.StreamWindow),
+		c:    c,
+		id:   id,
+		flow: flow{send: int64(c.peerWindow), recv: int64(c.cfg.StreamWindow)},
 	}
 	s.cond.L = &c.mu
 	c.streams[id] = s
@@ -1031,14 +1022,10 @@ func (c *conn) removeLocked(s *Stream) {
 	c.checkIdleLocked()
 }
 
-// creditConnLocked returns n consumed bytes to the peer's connection window,
-// in batches of half the window so WINDOW_UPDATEs stay rare.
+// creditConnLocked returns n consumed bytes to the peer's connection window.
 func (c *conn) creditConnLocked(n int64) {
-	c.recvUnacked += n
-	if c.recvUnacked >= int64(c.cfg.ConnWindow)/2 {
-		c.queue(outFrame{kind: kindWindow, val: uint32(c.recvUnacked)})
-		c.recvWindow += c.recvUnacked
-		c.recvUnacked = 0
+	if inc := c.flow.credit(n, c.cfg.ConnWindow); inc > 0 {
+		c.queue(outFrame{kind: kindWindow, val: inc})
 	}
 }
 

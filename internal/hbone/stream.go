@@ -28,23 +28,21 @@ type Stream struct {
 	wmu sync.Mutex // serializes Write and CloseWrite
 
 	// Guarded by c.mu.
-	cond        sync.Cond
-	rbuf        recvBuf
-	rerr        error // reset or connection error
-	recvWindow  int64
-	recvUnacked int64
-	sendWindow  int64
-	reof        bool // END_STREAM received
-	wEOF        bool // END_STREAM queued
-	reset       bool
-	removed     bool
-	closed      bool       // Close called
-	dl          *deadlines // nil until a deadline is set: most streams never have one
-	direct      NowWriter  // WriteTo's socket, for the reader's direct writes
-	sinkBusy    bool       // the reader is writing to direct
-	wtBusy      bool       // WriteTo is writing a chunk
-	sunk        int64      // bytes the reader wrote to direct
-	park        parkedSink // WriteToAsync's state (in the stream: one allocation less per tunnel)
+	cond     sync.Cond
+	rbuf     recvBuf
+	rerr     error // reset or connection error
+	flow     flow  // the stream's windows
+	reof     bool  // END_STREAM received
+	wEOF     bool  // END_STREAM queued
+	reset    bool
+	removed  bool
+	closed   bool       // Close called
+	dl       *deadlines // nil until a deadline is set: most streams never have one
+	direct   NowWriter  // WriteTo's socket, for the reader's direct writes
+	sinkBusy bool       // the reader is writing to direct
+	wtBusy   bool       // WriteTo is writing a chunk
+	sunk     int64      // bytes the reader wrote to direct
+	park     parkedSink // WriteToAsync's state (in the stream: one allocation less per tunnel)
 
 	// Request (server side) or response (client side), fixed once set.
 	// (The bools sit together here and above: each alone took a word.)
@@ -345,16 +343,13 @@ func (d *directWriter) WriteNow(p []byte) (int, error) {
 	return n, err
 }
 
-// creditLocked returns consumed bytes to the stream's window, in batches.
+// creditLocked returns consumed bytes to the stream's window.
 func (s *Stream) creditLocked(n int64) {
 	if s.reof || s.reset {
 		return // the peer will send nothing more
 	}
-	s.recvUnacked += n
-	if s.recvUnacked >= int64(s.c.cfg.StreamWindow)/2 {
-		s.c.queue(outFrame{kind: kindWindow, streamID: s.id, val: uint32(s.recvUnacked)})
-		s.recvWindow += s.recvUnacked
-		s.recvUnacked = 0
+	if inc := s.flow.credit(n, s.c.cfg.StreamWindow); inc > 0 {
+		s.c.queue(outFrame{kind: kindWindow, streamID: s.id, val: inc})
 	}
 }
 
@@ -372,15 +367,14 @@ func (s *Stream) Write(p []byte) (int, error) {
 				c.mu.Unlock()
 				return total, err
 			}
-			if s.sendWindow > 0 && c.sendWindow > 0 {
+			if s.flow.avail() > 0 && c.flow.avail() > 0 {
 				break
 			}
 			s.cond.Wait()
 		}
-		n := int64(len(p))
-		n = min(n, s.sendWindow, c.sendWindow, int64(c.peerFrame))
-		s.sendWindow -= n
-		c.sendWindow -= n
+		n := min(int64(len(p)), s.flow.avail(), c.flow.avail(), int64(c.peerFrame))
+		s.flow.take(n)
+		c.flow.take(n)
 		if c.tryTakeWriter() {
 			// The connection is idle: write it here, with no hand-off.
 			c.mu.Unlock()
