@@ -1045,6 +1045,28 @@ func (c *conn) tryReserve() bool {
 	return true
 }
 
+// openStream sends the HEADERS of a new CONNECT stream (client side), on
+// the slot tryReserve claimed: the slot is given back either way.
+func (c *conn) openStream(fields []hpack.HeaderField, reused bool) (*Stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reserved--
+	if c.closed || c.goingAway {
+		err := errGoingAway
+		if c.closed {
+			err = c.errLocked()
+		}
+		c.checkIdleLocked()
+		return nil, err
+	}
+	id := c.nextID
+	c.nextID += 2
+	s := c.newStreamLocked(id)
+	s.reused = reused
+	c.queue(outFrame{kind: kindHeaders, streamID: id, data: c.encodeHeadersLocked(fields)})
+	return s, nil
+}
+
 // load is how many streams the connection carries or has promised, and
 // whether it takes new ones at all.
 func (c *conn) load() (int, bool) {
