@@ -45,3 +45,20 @@ func (f *flow) credit(n int64, size int32) uint32 {
 	f.unacked = 0
 	return uint32(inc)
 }
+
+// creditConnLocked returns n consumed bytes to the peer's connection window.
+func (c *conn) creditConnLocked(n int64) {
+	if inc := c.flow.credit(n, c.cfg.ConnWindow); inc > 0 {
+		c.queue(outFrame{kind: kindWindow, val: inc})
+	}
+}
+
+// creditLocked returns consumed bytes to the stream's window.
+func (s *Stream) creditLocked(n int64) {
+	if s.reof || s.reset {
+		return // the peer will send nothing more
+	}
+	if inc := s.flow.credit(n, s.c.cfg.StreamWindow); inc > 0 {
+		s.c.queue(outFrame{kind: kindWindow, streamID: s.id, val: inc})
+	}
+}
