@@ -111,16 +111,13 @@ func (d *Dialer) Dial(ctx context.Context, req Request) (*Stream, error) {
 		if err != nil {
 			return nil, err
 		}
-		s, err := d.open(ctx, c, req)
+		s, err := d.open(ctx, c, req, reused)
 		if errors.Is(err, errGoingAway) && attempt < 3 {
 			continue // the connection was draining; take another
 		}
 		if err != nil {
 			return nil, err
 		}
-		c.mu.Lock()
-		s.reused = reused
-		c.mu.Unlock()
 		return s, nil
 	}
 }
@@ -312,26 +309,13 @@ func requestFields(req Request) []hpack.HeaderField {
 	return fields
 }
 
-// open starts the CONNECT stream on a connection with a reserved slot.
-func (d *Dialer) open(ctx context.Context, c *conn, req Request) (*Stream, error) {
-	fields := requestFields(req)
-	c.mu.Lock()
-	c.reserved--
-	if c.closed || c.goingAway {
-		err := errGoingAway
-		if c.closed {
-			err = c.errLocked()
-		}
-		c.checkIdleLocked()
-		c.mu.Unlock()
+// open starts the CONNECT stream on a connection with a reserved slot
+// and waits for the answer.
+func (d *Dialer) open(ctx context.Context, c *conn, req Request, reused bool) (*Stream, error) {
+	s, err := c.openStream(requestFields(req), reused)
+	if err != nil {
 		return nil, fmt.Errorf("hbone dial %s: %w", req.Address, err)
 	}
-	id := c.nextID
-	c.nextID += 2
-	s := c.newStreamLocked(id)
-	c.queue(outFrame{kind: kindHeaders, streamID: id, data: c.encodeHeadersLocked(fields)})
-	c.mu.Unlock()
-
 	status, hdr, err := s.waitResponse(ctx)
 	if err != nil {
 		s.Close()

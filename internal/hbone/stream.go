@@ -8,12 +8,10 @@ import (
 	"net/http"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
 	"golang.org/x/net/http2"
-	"golang.org/x/sys/unix"
 )
 
 // Stream is one HBONE tunnel: an HTTP/2 CONNECT stream used as a byte pipe.
@@ -22,31 +20,32 @@ import (
 // Close ends both directions; if the peer was still sending, it resets the
 // stream (like a TCP close with unread data).
 type Stream struct {
+	// Immutable after newStreamLocked.
 	c  *conn
 	id uint32
 
 	wmu sync.Mutex // serializes Write and CloseWrite
 
-	// Guarded by c.mu.
-	cond        sync.Cond
-	rbuf        recvBuf
-	rerr        error // reset or connection error
-	recvWindow  int64
-	recvUnacked int64
-	sendWindow  int64
-	reof        bool // END_STREAM received
-	wEOF        bool // END_STREAM queued
-	reset       bool
-	removed     bool
-	closed      bool       // Close called
-	dl          *deadlines // nil until a deadline is set: most streams never have one
-	direct      NowWriter  // WriteTo's socket, for the reader's direct writes
-	sinkBusy    bool       // the reader is writing to direct
-	wtBusy      bool       // WriteTo is writing a chunk
-	sunk        int64      // bytes the reader wrote to direct
-	park        parkedSink // WriteToAsync's state (in the stream: one allocation less per tunnel)
+	// Guarded by c.mu (cond's L is &c.mu).
+	cond     sync.Cond
+	rbuf     recvBuf
+	rerr     error // reset or connection error
+	flow     flow  // the stream's windows
+	reof     bool  // END_STREAM received
+	wEOF     bool  // END_STREAM queued
+	reset    bool
+	removed  bool
+	closed   bool       // Close called
+	dl       *deadlines // nil until a deadline is set: most streams never have one
+	direct   NowWriter  // WriteTo's socket, for the reader's direct writes
+	sinkBusy bool       // the reader is writing to direct
+	wtBusy   bool       // WriteTo is writing a chunk
+	sunk     int64      // bytes the reader wrote to direct
+	park     parkedSink // WriteToAsync's state (in the stream: one allocation less per tunnel)
 
-	// Request (server side) or response (client side), fixed once set.
+	// Request (server side) or response (client side), set once under
+	// c.mu: the read loop sets the request before the handler's goroutine
+	// starts, which reads it without the lock (and drops header after).
 	// (The bools sit together here and above: each alone took a word.)
 	method    string
 	authority string
@@ -127,237 +126,6 @@ func (s *Stream) Read(p []byte) (int, error) {
 	}
 }
 
-// WriteTo writes the tunnelled bytes to w until the peer's END_STREAM,
-// handing w the received chunks themselves: no copy, and while it waits
-// for data it holds no buffer (an idle tunnel costs no buffer memory). The
-// peer's window is returned only as w takes the bytes, so a slow w slows
-// the peer. relay uses it for the tunnel-to-socket direction.
-//
-// When w is a socket, the connection's reader writes arriving DATA to it
-// directly while nothing is queued (a non-blocking write; what does not
-// fit is queued for WriteTo): no wake-up of this goroutine and no copy per
-// frame, which is most of a request's cost at a thousand requests a second.
-func (s *Stream) WriteTo(w io.Writer) (int64, error) {
-	c := s.c
-	var total int64
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if d := nowWriterFor(w); d != nil {
-		s.direct, s.sunk = d, 0
-		defer func() { s.direct = nil }() // before the unlock: defers run last first
-	}
-	for {
-		switch ready, end, err := s.sinkStateLocked(); {
-		case end:
-			return total + s.sunk, err
-		case ready:
-			n, err := s.writeChunkLocked(w)
-			total += int64(n)
-			if err != nil {
-				return total + s.sunk, err
-			}
-		default:
-			s.cond.Wait()
-		}
-	}
-}
-
-// sinkStateLocked says what a copy of the received bytes to a socket
-// (WriteTo, WriteToAsync's drain) does next: write a chunk (ready), stop
-// with err (end), or neither: wait, while the reader writes to the socket
-// itself or nothing has come. c.mu must be held.
-func (s *Stream) sinkStateLocked() (ready, end bool, err error) {
-	switch {
-	case s.closed:
-		return false, true, net.ErrClosed
-	case s.sinkBusy:
-		return false, false, nil // the reader is writing: bytes stay in order
-	case s.rbuf.len() > 0:
-		return true, false, nil
-	case s.reof:
-		return false, true, nil
-	case s.rerr != nil:
-		return false, true, s.rerr
-	case s.dl.expired(false):
-		return false, true, os.ErrDeadlineExceeded
-	}
-	return false, false, nil
-}
-
-// writeChunkLocked writes the first received chunk to w, with c.mu
-// released meanwhile, and returns the peer's window for it. After a write
-// error the reader no longer writes to the socket directly. c.mu must be
-// held; it is held again on return.
-func (s *Stream) writeChunkLocked(w io.Writer) (int, error) {
-	c := s.c
-	chunk, off := s.rbuf.take()
-	s.wtBusy = true
-	c.mu.Unlock()
-	data := (*chunk)[off:]
-	n, err := w.Write(data)
-	chunkPool.Put(chunk)
-	c.mu.Lock()
-	s.wtBusy = false
-	c.creditConnLocked(int64(len(data)))
-	s.creditLocked(int64(len(data)))
-	if err != nil {
-		s.direct = nil
-	}
-	return n, err
-}
-
-// WriteToAsync is WriteTo without a goroutine while there is nothing to
-// do: the connection's reader writes arriving DATA to the socket w itself
-// (as for WriteTo), and a goroutine runs only while bytes wait for a full
-// socket, or to finish. done gets what WriteTo would return, once, from a
-// goroutine of the stream's own. It reports false, and does nothing, when
-// w is not a socket. An idle tunnel then costs no goroutine on this side.
-func (s *Stream) WriteToAsync(w io.Writer, done AsyncDone) bool {
-	d := nowWriterFor(w)
-	if d == nil {
-		return false
-	}
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s.direct != nil || s.park.w != nil {
-		return false // a WriteTo is running
-	}
-	s.direct, s.sunk = d, 0
-	s.park = parkedSink{w: w, done: done}
-	s.wakeLocked() // whatever is queued or ended already
-	return true
-}
-
-// AsyncDone is told the end of a WriteToAsync: what WriteTo would have
-// returned. An interface, so a relay's state can take it with no closure
-// allocated (and kept) per connection; an alias of the literal type, so
-// the relay can name it without importing this package.
-type AsyncDone = interface {
-	AsyncDone(n int64, err error)
-}
-
-// AsyncDoneFunc is a func as an AsyncDone.
-type AsyncDoneFunc func(n int64, err error)
-
-func (f AsyncDoneFunc) AsyncDone(n int64, err error) { f(n, err) }
-
-// parkedSink is WriteToAsync's state, guarded by c.mu; w is nil when no
-// WriteToAsync runs.
-type parkedSink struct {
-	w       io.Writer
-	done    AsyncDone
-	running bool // a drain goroutine is on it
-	total   int64
-}
-
-// wakeLocked tells whoever waits for received data that something
-// changed: a blocked Read or WriteTo, or, for WriteToAsync, a new drain
-// goroutine. c.mu must be held.
-func (s *Stream) wakeLocked() {
-	s.cond.Broadcast()
-	if p := &s.park; p.w != nil && !p.running {
-		p.running = true
-		go s.drain(p)
-	}
-}
-
-// drain is WriteToAsync's goroutine: it writes what is queued, finishes
-// at the end of the stream, and otherwise parks (ends) until wakeLocked.
-func (s *Stream) drain(p *parkedSink) {
-	c := s.c
-	c.mu.Lock()
-	for {
-		ready, end, err := s.sinkStateLocked()
-		if ready {
-			var n int
-			n, err = s.writeChunkLocked(p.w)
-			p.total += int64(n)
-			if end = err != nil; !end {
-				continue
-			}
-		}
-		if !end {
-			p.running = false // nothing to do (or the reader is on it): park
-			c.mu.Unlock()
-			return
-		}
-		total, done := p.total+s.sunk, p.done
-		s.park, s.direct = parkedSink{}, nil
-		c.mu.Unlock()
-		done.AsyncDone(total, err)
-		return
-	}
-}
-
-// NowWriter writes what a socket takes at once and never waits: 0 and no
-// error when it is full. A stream's reader writes arriving DATA to WriteTo's
-// socket with it (relay.Socket is one; any other socket is wrapped).
-type NowWriter interface {
-	WriteNow(p []byte) (int, error)
-}
-
-// nowWriterFor returns w's NowWriter: w itself, a wrapper of its
-// descriptor, or nil if w is not a socket.
-func nowWriterFor(w io.Writer) NowWriter {
-	if d, ok := w.(NowWriter); ok {
-		return d
-	}
-	if sc, ok := w.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			return newDirectWriter(rc)
-		}
-	}
-	return nil
-}
-
-// directWriter is the NowWriter of a socket that has none: one
-// non-blocking write attempt through its RawConn, never a wait. Its
-// callback is bound once.
-type directWriter struct {
-	rc  syscall.RawConn
-	p   []byte
-	n   int
-	err error
-	fn  func(fd uintptr) bool
-}
-
-func newDirectWriter(rc syscall.RawConn) *directWriter {
-	d := &directWriter{rc: rc}
-	d.fn = func(fd uintptr) bool {
-		d.n, d.err = unix.Write(int(fd), d.p)
-		return true // one attempt: a full socket is the caller's to queue for
-	}
-	return d
-}
-
-// WriteNow writes what the socket takes now; EAGAIN is no error (n is 0).
-func (d *directWriter) WriteNow(p []byte) (int, error) {
-	d.p, d.n, d.err = p, 0, nil
-	if err := d.rc.Write(d.fn); err != nil {
-		return 0, err
-	}
-	d.p = nil
-	n, err := max(d.n, 0), d.err
-	if err == unix.EAGAIN || err == unix.EINTR {
-		err = nil
-	}
-	return n, err
-}
-
-// creditLocked returns consumed bytes to the stream's window, in batches.
-func (s *Stream) creditLocked(n int64) {
-	if s.reof || s.reset {
-		return // the peer will send nothing more
-	}
-	s.recvUnacked += n
-	if s.recvUnacked >= int64(s.c.cfg.StreamWindow)/2 {
-		s.c.queue(outFrame{kind: kindWindow, streamID: s.id, val: uint32(s.recvUnacked)})
-		s.recvWindow += s.recvUnacked
-		s.recvUnacked = 0
-	}
-}
-
 // Write sends p as DATA frames within the flow-control windows. It returns
 // once the bytes are handed to the TLS connection, so p may be reused.
 func (s *Stream) Write(p []byte) (int, error) {
@@ -372,15 +140,14 @@ func (s *Stream) Write(p []byte) (int, error) {
 				c.mu.Unlock()
 				return total, err
 			}
-			if s.sendWindow > 0 && c.sendWindow > 0 {
+			if s.flow.avail() > 0 && c.flow.avail() > 0 {
 				break
 			}
 			s.cond.Wait()
 		}
-		n := int64(len(p))
-		n = min(n, s.sendWindow, c.sendWindow, int64(c.peerFrame))
-		s.sendWindow -= n
-		c.sendWindow -= n
+		n := min(int64(len(p)), s.flow.avail(), c.flow.avail(), int64(c.peerFrame))
+		s.flow.take(n)
+		c.flow.take(n)
 		if c.tryTakeWriter() {
 			// The connection is idle: write it here, with no hand-off.
 			c.mu.Unlock()
@@ -407,6 +174,9 @@ func (s *Stream) Write(p []byte) (int, error) {
 	}
 	return total, nil
 }
+
+// donePool holds completion channels for queued DATA frames.
+var donePool = sync.Pool{New: func() any { return make(chan error, 1) }}
 
 func (s *Stream) writeErrLocked() error {
 	switch {
@@ -583,80 +353,4 @@ func (s *Stream) waitResponse(ctx context.Context) (int, http.Header, error) {
 		return 0, nil, s.rerr
 	}
 	return 0, nil, ctx.Err()
-}
-
-// recvBuf holds received bytes in pooled chunks, so an idle stream holds no
-// buffer and a busy one holds only what the peer sent ahead of the reader.
-type recvBuf struct {
-	chunks []*[]byte // pooled chunks; (*chunks[0])[off:] is unread
-	off    int
-	n      int
-}
-
-const chunkSize = 32 << 10
-
-// donePool holds completion channels for queued DATA frames.
-var donePool = sync.Pool{New: func() any { return make(chan error, 1) }}
-
-var chunkPool = sync.Pool{New: func() any { b := make([]byte, 0, chunkSize); return &b }}
-
-func (b *recvBuf) len() int { return b.n }
-
-func (b *recvBuf) write(p []byte) {
-	b.n += len(p)
-	for len(p) > 0 {
-		if k := len(b.chunks); k > 0 {
-			last := b.chunks[k-1]
-			if free := cap(*last) - len(*last); free > 0 {
-				m := min(free, len(p))
-				*last = append(*last, p[:m]...)
-				p = p[m:]
-				continue
-			}
-		}
-		c := chunkPool.Get().(*[]byte)
-		*c = (*c)[:0]
-		b.chunks = append(b.chunks, c)
-	}
-}
-
-func (b *recvBuf) read(p []byte) int {
-	total := 0
-	for len(p) > 0 && len(b.chunks) > 0 {
-		first := b.chunks[0]
-		m := copy(p, (*first)[b.off:])
-		p = p[m:]
-		b.off += m
-		total += m
-		if b.off == len(*first) {
-			chunkPool.Put(first)
-			// Shift rather than reslice, so the slice's array is reused
-			// instead of creeping forward and reallocating.
-			k := copy(b.chunks, b.chunks[1:])
-			b.chunks[k] = nil
-			b.chunks = b.chunks[:k]
-			b.off = 0
-		}
-	}
-	b.n -= total
-	return total
-}
-
-// take removes the first chunk and returns it with the offset of its
-// unread bytes; the caller owns it (and puts it back in chunkPool).
-func (b *recvBuf) take() (*[]byte, int) {
-	c, off := b.chunks[0], b.off
-	k := copy(b.chunks, b.chunks[1:])
-	b.chunks[k] = nil
-	b.chunks = b.chunks[:k]
-	b.off = 0
-	b.n -= len(*c) - off
-	return c, off
-}
-
-func (b *recvBuf) reset() {
-	for _, c := range b.chunks {
-		chunkPool.Put(c)
-	}
-	*b = recvBuf{}
 }
