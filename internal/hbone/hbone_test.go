@@ -719,11 +719,19 @@ func TestStreamWriteTo(t *testing.T) {
 
 // WriteTo a socket: the connection's reader writes straight to it while it
 // keeps up, and queues for WriteTo when the socket is full (the peer below
-// reads nothing for a while, then all); every byte arrives once, in order,
-// and the count includes both ways.
+// reads nothing until a chunk had to queue, then all); every byte arrives
+// once, in order, and the count includes both ways.
 func TestStreamWriteToSocket(t *testing.T) {
 	st := echoStreams(t)()
 	sink, far := testutil.TCPPair(t)
+	// Small buffers, so the socket fills whatever the machine's TCP memory
+	// limits (up to 32 MiB here: 8 MiB fitted without one queued chunk).
+	if err := sink.SetWriteBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := far.SetReadBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
 	data := make([]byte, 8<<20+321)
 	for i := range data {
 		data[i] = byte(i * 7 / 13)
@@ -741,7 +749,13 @@ func TestStreamWriteToSocket(t *testing.T) {
 		sink.CloseWrite()
 		done <- n
 	}()
-	time.Sleep(300 * time.Millisecond) // the socket fills up meanwhile
+	// Not a sleep: wait until the reader found the socket full and queued
+	// (or WriteTo is writing what it queued), however slow the machine.
+	waitFor(t, "a chunk queued for a full socket", func() bool {
+		st.c.mu.Lock()
+		defer st.c.mu.Unlock()
+		return st.rbuf.len() > 0 || st.wtBusy
+	})
 	far.SetReadDeadline(time.Now().Add(20 * time.Second))
 	got, err := io.ReadAll(far)
 	if err != nil || !bytes.Equal(got, data) {

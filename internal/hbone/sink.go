@@ -6,6 +6,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/ambitmesh/ambit/internal/relay"
 	"golang.org/x/sys/unix"
 )
 
@@ -112,12 +113,12 @@ func (s *Stream) WriteToAsync(w io.Writer, done AsyncDone) bool {
 }
 
 // AsyncDone is told the end of a WriteToAsync: what WriteTo would have
-// returned. An interface, so a relay's state can take it with no closure
-// allocated (and kept) per connection; an alias of the literal type, so
-// the relay can name it without importing this package.
-type AsyncDone = interface {
-	AsyncDone(n int64, err error)
-}
+// returned (the relay's contract, relay.AsyncDone).
+type AsyncDone = relay.AsyncDone
+
+// The contracts of the data path (internal/relay/contract.go): a drift in
+// either signature breaks the build instead of the fast path.
+var _ relay.AsyncSource = (*Stream)(nil)
 
 // AsyncDoneFunc is a func as an AsyncDone.
 type AsyncDoneFunc func(n int64, err error)
@@ -175,9 +176,7 @@ func (s *Stream) drain(p *parkedSink) {
 // NowWriter writes what a socket takes at once and never waits: 0 and no
 // error when it is full. A stream's reader writes arriving DATA to WriteTo's
 // socket with it (relay.Socket is one; any other socket is wrapped).
-type NowWriter interface {
-	WriteNow(p []byte) (int, error)
-}
+type NowWriter = relay.NowWriter
 
 // nowWriterFor returns w's NowWriter: w itself, a wrapper of its
 // descriptor, or nil if w is not a socket.

@@ -91,7 +91,7 @@ func (p *Proxy) servePlaintextInbound(l net.Listener) {
 // returns true once the connection is handed to the relay, which closes it.
 func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 	ix := p.index.Load()
-	lc := &liveConn{p: p, tc: telemetry.Conn{Direction: telemetry.Inbound, Src: in.src, SrcIdentity: in.peer, Dst: in.target,
+	lc := &liveConn{relayed: relayed{p}, tc: telemetry.Conn{Direction: telemetry.Inbound, Src: in.src, SrcIdentity: in.peer, Dst: in.target,
 		DstHBONE: in.hboneAddr, MTLS: !in.peer.IsZero(), Start: time.Now()}}
 	tc := &lc.tc
 	tc.SrcWorkload = ix.WorkloadByAddr(p.network(), in.src.Addr())
@@ -273,10 +273,11 @@ func (c *liveConn) close(reason string) {
 	c.up.Close()
 }
 
-// done is the relay's end: account and log the connection.
-// Finish ends the connection once the relay has (relay.Finisher).
-func (c *liveConn) Finish(res relay.Result) {
-	defer c.p.wg.Done()
+// Finish is the relay's end (relay.Finisher).
+func (c *liveConn) Finish(res relay.Result) { c.finish(c, res) }
+
+// end ends the connection once the relay has: account and log it.
+func (c *liveConn) end(res relay.Result) {
 	c.p.untrack(c)
 	c.up.Close()
 	c.down.Close()

@@ -188,7 +188,7 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 	ix := p.index.Load()
 	from := netip.MustParseAddrPort(down.RemoteAddr().String())
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-	oc := &outConn{p: p, tc: telemetry.Conn{Direction: telemetry.Outbound, Src: from, Dst: dst, Start: time.Now()}}
+	oc := &outConn{relayed: relayed{p}, tc: telemetry.Conn{Direction: telemetry.Outbound, Src: from, Dst: dst, Start: time.Now()}}
 	tc := &oc.tc
 	fail := func(code byte, flag string, err error) {
 		if reply != nil {
@@ -252,14 +252,18 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 // outConn is an outbound connection while it is relayed: one object with
 // its telemetry record, the relay's Finisher (see liveConn).
 type outConn struct {
-	p       *Proxy
+	relayed
 	tc      telemetry.Conn
 	app, up upstream
 }
 
-// Finish closes both sides and reports the connection (relay.Finisher).
-func (c *outConn) Finish(res relay.Result) {
-	defer c.p.wg.Done()
+var _ relayedRecord = (*outConn)(nil)
+
+// Finish is the relay's end (relay.Finisher).
+func (c *outConn) Finish(res relay.Result) { c.finish(c, res) }
+
+// end closes both sides and reports the connection.
+func (c *outConn) end(res relay.Result) {
 	c.up.Close()
 	c.app.Close()
 	c.p.opts.Metrics.Closed(&c.tc, res.AToB, res.BToA, telemetry.FlagNone)

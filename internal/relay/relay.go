@@ -58,11 +58,6 @@ func Bidirectional(a, b Conn) Result {
 // and b: a Socket's Close ends a direction parked on it too.
 func Go(a, b Conn, done func(Result)) { GoFinisher(a, b, finishFunc(done)) }
 
-// A Finisher is told a relay's result (GoFinisher). A node proxy's record
-// of a connection takes it as a method, where a func would be a closure
-// allocated per connection and kept for its life.
-type Finisher interface{ Finish(Result) }
-
 type finishFunc func(Result)
 
 func (f finishFunc) Finish(r Result) { f(r) }
@@ -87,7 +82,7 @@ func GoFinisher(a, b Conn, f Finisher) {
 
 // state is one relay's state, in one allocation (a node proxy holds
 // thousands): the result, how many directions still run, the state of a
-// direction from a Socket, and the end of a direction from an asyncSource
+// direction from a Socket, and the end of a direction from an AsyncSource
 // (a proxy's relay has one of each; a second of a kind is allocated apart).
 type state struct {
 	r     Result
@@ -112,13 +107,7 @@ func (rl *state) finish() {
 	}
 }
 
-// asyncSource can copy to a socket with no goroutine while idle
-// (*hbone.Stream's WriteToAsync).
-type asyncSource interface {
-	WriteToAsync(w io.Writer, done interface{ AsyncDone(n int64, err error) }) bool
-}
-
-// asyncEnd finishes a direction from an asyncSource (its AsyncDone).
+// asyncEnd finishes a direction from an AsyncSource (its AsyncDone).
 type asyncEnd struct {
 	rl  *state
 	dst Conn
@@ -133,10 +122,10 @@ func (a *asyncEnd) AsyncDone(m int64, e error) {
 
 // oneWayGo copies src to dst and half-closes dst, then stores the count
 // and error and finishes the direction: from a goroutine of its own, or,
-// for an asyncSource, from the source's goroutine that runs only when
+// for an AsyncSource, from the source's goroutine that runs only when
 // there is something to write.
 func oneWayGo(rl *state, dst, src Conn, dir int) {
-	if as, ok := src.(asyncSource); ok {
+	if as, ok := src.(AsyncSource); ok {
 		end := &rl.async
 		if end.rl != nil { // taken by the first direction
 			end = new(asyncEnd)

@@ -421,7 +421,7 @@ func (s *Socket) Write(b []byte) (int, error) {
 }
 
 // WriteNow writes what the socket takes now, and never waits: 0 and no
-// error when it is full (hbone.NowWriter: an HBONE stream's reader writes
+// error when it is full (NowWriter: an HBONE stream's reader writes
 // arriving data to the socket with it, and queues what does not fit).
 func (s *Socket) WriteNow(b []byte) (int, error) {
 	fd, err := s.acquire(&s.wready)
