@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/backoff"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -69,7 +70,7 @@ func (c *Client) Run(ctx context.Context) error {
 		c.acked = map[string]bool{}
 	}
 	c.mu.Unlock()
-	backoff := 10 * time.Millisecond
+	retry := backoff.Backoff{Min: 10 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		start := time.Now()
 		err := c.session(ctx)
@@ -77,15 +78,15 @@ func (c *Client) Run(ctx context.Context) error {
 			return nil
 		}
 		if time.Since(start) > 30*time.Second {
-			backoff = 10 * time.Millisecond
+			retry.Reset()
 		}
-		c.Log.Warn("xds stream ended; reconnecting", "err", err, "retry_in", backoff)
+		wait := retry.Next()
+		c.Log.Warn("xds stream ended; reconnecting", "err", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, 15*time.Second)
 	}
 }
 
