@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/hbone"
@@ -135,7 +136,7 @@ costs little CPU and keeps the memory of idle connections down.`,
 				}
 				defer caConn.Close()
 				certs = identity.NewManager(&caclient.Issuer{Conn: caConn, Token: token, TTL: certTTL,
-					Self: identity.ID{TrustDomain: "cluster.local", Namespace: "istio-system", ServiceAccount: "ztunnel"}}, log)
+					Self: ambient.NodeProxyID()}, log)
 				xdsConn, err := caclient.Dial(xdsAddr, rootCert, "", grpc.WithPerRPCCredentials(caclient.Bearer(token)))
 				if err != nil {
 					return err

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
@@ -29,7 +30,7 @@ const (
 var (
 	clientID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
 	serverID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "server"}
-	proxyID  = identity.ID{TrustDomain: "cluster.local", Namespace: "istio-system", ServiceAccount: "ztunnel"}
+	proxyID  = ambient.NodeProxyID()
 )
 
 // startCA serves the CA over gRPC with TLS on loopback and returns its
@@ -51,7 +52,7 @@ func startCA(t *testing.T) (string, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, err := ca.IssueServing([]string{caclient.DefaultServerName}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour)
+	cert, err := ca.IssueServing([]string{ambient.IstiodServerName}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/socks5"
@@ -173,7 +174,7 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 	go func() { w.Run(ctx); done <- struct{}{} }()
 	t.Cleanup(func() { cancel(); <-done; <-done })
 	waitFor(t, opts.Workload+opts.Node+" ready", func() bool {
-		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, 15021).String() + "/healthz/ready")
+		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, ambient.ReadinessPort).String() + "/healthz/ready")
 		if err != nil {
 			return false
 		}
@@ -189,7 +190,7 @@ func echoOn(t testing.TB, addr netip.AddrPort) { testutil.Echo(t, addr.String(),
 // socks connects through the client's SOCKS5 port to host:port (host an IP
 // or a name) and returns the connection and the reply code.
 func (m *mesh) socks(host string, port uint16) (*net.TCPConn, byte, error) {
-	c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, 15080).String())
+	c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, ambient.SOCKS5Port).String())
 	if err != nil {
 		return nil, 0, err
 	}
@@ -283,8 +284,8 @@ func TestEchoThroughTheMesh(t *testing.T) {
 		}
 	}
 	// Metrics at both ends.
-	cm := get(t, "http://"+m.clientIP.String()+":15020/metrics")
-	sm := get(t, "http://"+m.serverIP.String()+":15020/stats/prometheus")
+	cm := get(t, "http://"+netip.AddrPortFrom(m.clientIP, ambient.StatsPort).String()+"/metrics")
+	sm := get(t, "http://"+netip.AddrPortFrom(m.serverIP, ambient.StatsPort).String()+"/stats/prometheus")
 	for _, want := range []string{`istio_tcp_connections_opened_total{`, `reporter="source"`, `connection_security_policy="mutual_tls"`,
 		`destination_principal="spiffe://cluster.local/ns/default/sa/server"`, `source_canonical_service="client"`, `istio_build{component="ztunnel",tag="test"} 1`} {
 		if !strings.Contains(cm, want) {
@@ -344,7 +345,7 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 	waitFor(t, "the 401 in the client's log", func() bool {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 401 Unauthorized")
 	})
-	sm := get(t, "http://"+m.serverIP.String()+":15020/metrics")
+	sm := get(t, "http://"+netip.AddrPortFrom(m.serverIP, ambient.StatsPort).String()+"/metrics")
 	if !strings.Contains(sm, "istio_tcp_connections_failed_total{") || !strings.Contains(sm, `response_flags="DENY"`) {
 		t.Errorf("no DENY in the server's metrics:\n%s", sm)
 	}
@@ -395,7 +396,7 @@ func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 503")
 	})
 	// The proxy's own ports are loops.
-	c, code, err = m.socks(m.serverIP.String(), 15008)
+	c, code, err = m.socks(m.serverIP.String(), ambient.ZtunnelInboundPort)
 	if err != nil || code != socks5.HostUnreachable {
 		t.Fatalf("self call: code %d, %v", code, err)
 	}
@@ -430,7 +431,7 @@ func TestConfigChangeAddsWorkloadLive(t *testing.T) {
 
 func TestAdminEndpoints(t *testing.T) {
 	m := newMesh(t, "", "")
-	base := "http://" + m.clientIP.String() + ":15000"
+	base := "http://" + netip.AddrPortFrom(m.clientIP, ambient.AdminPort).String()
 	d := get(t, base+"/config_dump")
 	for _, want := range []string{`"mode": "dedicated default/client"`, `"uid": "test//server"`, `"identity": "spiffe://cluster.local/ns/default/sa/client"`, `"notAfter"`, `"vips": [`} {
 		if !strings.Contains(d, want) {
@@ -518,7 +519,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 	dial := func(from netip.Addr) (*net.TCPConn, byte) {
 		t.Helper()
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
-		c, err := d.Dial("tcp", netip.AddrPortFrom(nodeIP, 15080).String())
+		c, err := d.Dial("tcp", netip.AddrPortFrom(nodeIP, ambient.SOCKS5Port).String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -557,7 +558,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 // destination (SO_ORIGINAL_DST finds none): it is refused, and said so.
 func TestCapturePortsRefuseLoops(t *testing.T) {
 	m := newMesh(t, "", "")
-	for _, port := range []uint16{15001, 15006} {
+	for _, port := range []uint16{ambient.ZtunnelOutboundPort, ambient.ZtunnelInboundPlaintextPort} {
 		c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, port).String())
 		if err != nil {
 			t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"syscall"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/zds"
@@ -15,10 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 	"istio.io/istio/pkg/zdsapi"
 )
-
-// ProxyMark is SO_MARK on every socket the proxy opens in a pod's
-// namespace, so capture lets it pass.
-const ProxyMark = 0x539
 
 // pod is a workload enrolled in in-pod capture: the proxy listens inside
 // its namespace and opens its connections from there.
@@ -210,7 +207,7 @@ func markAndTransparent(network, _ string, c syscall.RawConn) error {
 // non-local source address (the client's IP, on the way in). Both need
 // CAP_NET_ADMIN; without it the socket is refused.
 func markTransparent(fd int, v6 bool) error {
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ProxyMark); err != nil {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ambient.InpodMark); err != nil {
 		return fmt.Errorf("SO_MARK: %w", err)
 	}
 	level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
