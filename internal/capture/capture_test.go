@@ -11,6 +11,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -47,7 +48,7 @@ func dial(t *testing.T, ns netns.NsHandle, addr string, mark int) error {
 		if mark != 0 {
 			d.Control = func(_, _ string, c syscall.RawConn) error {
 				var serr error
-				c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+				c.Control(func(fd uintptr) { serr = sockopt.Mark(int(fd), mark) })
 				return serr
 			}
 		}
@@ -72,9 +73,8 @@ func accepted(t *testing.T, l *net.TCPListener) (orig netip.AddrPort, ok bool) {
 	defer c.Close()
 	raw, _ := c.SyscallConn()
 	raw.Control(func(fd uintptr) {
-		m, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, 80) // SO_ORIGINAL_DST
-		if err == nil {
-			orig = netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Multiaddr[4:8])), uint16(m.Multiaddr[2])<<8|uint16(m.Multiaddr[3]))
+		if a, err := sockopt.OriginalDst(int(fd), false); err == nil {
+			orig = a
 		}
 	})
 	return orig, true
