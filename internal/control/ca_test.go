@@ -14,6 +14,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -37,10 +38,7 @@ var (
 // address and the root file a client trusts.
 func startCA(t *testing.T) (string, string) {
 	dir := t.TempDir()
-	ca, err := identity.InitCA(filepath.Join(dir, "ca"), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := testutil.CA(t)
 	ix, err := config.Parse("mesh.yaml", []byte(`workloads:
 - {name: client, namespace: default, serviceAccount: client, workloadIps: ["10.0.0.1"], node: node-a}
 - {name: server, namespace: default, serviceAccount: server, workloadIps: ["10.0.0.2"], node: node-b}

@@ -45,17 +45,6 @@ type logBuf struct {
 func (l *logBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
 func (l *logBuf) String() string              { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
 
-// waitFor polls cond for up to 5 s.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if cond() {
-			return
-		}
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 type node struct {
 	p       *Proxy
 	log     *logBuf
@@ -132,11 +121,7 @@ func newMesh(t testing.TB, serverExtra, extra string) *mesh {
 	testutil.Echo(t, netip.AddrPortFrom(m.serverIP, 8080).String(), m.appPeers)
 	echoOn(t, netip.AddrPortFrom(m.plainIP, 9000))
 
-	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.ca = ca
+	m.ca = testutil.CA(t)
 	m.client = m.startProxy(Options{Workload: "default/client"}, m.clientIP)
 	m.server = m.startProxy(Options{Workload: "default/server"}, m.serverIP)
 	return m
@@ -173,7 +158,7 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 	go func() { _ = p.Run(ctx); done <- struct{}{} }()
 	go func() { w.Run(ctx); done <- struct{}{} }()
 	t.Cleanup(func() { cancel(); <-done; <-done })
-	waitFor(t, opts.Workload+opts.Node+" ready", func() bool {
+	testutil.WaitFor(t, opts.Workload+opts.Node+" ready", func() bool {
 		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, ambient.ReadinessPort).String() + "/healthz/ready")
 		if err != nil {
 			return false
@@ -267,7 +252,7 @@ func TestEchoThroughTheMesh(t *testing.T) {
 	}
 
 	// Both ends logged the connection with the right identities.
-	waitFor(t, "access logs", func() bool {
+	testutil.WaitFor(t, "access logs", func() bool {
 		return strings.Contains(m.client.log.String(), "connection complete") && strings.Contains(m.server.log.String(), "connection complete")
 	})
 	cl, sl := m.client.log.String(), m.server.log.String()
@@ -303,7 +288,7 @@ func TestServiceByVIPAndByName(t *testing.T) {
 	m := newMesh(t, "", empty)
 	m.mustEcho(fmt.Sprintf("10.96.%d.10", m.n), 80) // VIP:80 → endpoint :8080
 	m.mustEcho("echo.default.svc.cluster.local", 80)
-	waitFor(t, "service in the access log", func() bool {
+	testutil.WaitFor(t, "service in the access log", func() bool {
 		return strings.Contains(m.client.log.String(), "dst.service=echo.default.svc.cluster.local")
 	})
 	// A service with no endpoint is refused, and the log says why.
@@ -312,7 +297,7 @@ func TestServiceByVIPAndByName(t *testing.T) {
 	} else {
 		c.Close()
 	}
-	waitFor(t, "the refusal in the log", func() bool {
+	testutil.WaitFor(t, "the refusal in the log", func() bool {
 		return strings.Contains(m.client.log.String(), "service default/empty.default.svc.cluster.local port 80: no endpoint (the service has no endpoints)")
 	})
 	if c, code, err := m.socks("nope.default.svc.cluster.local", 80); err != nil || code != socks5.HostUnreachable {
@@ -331,7 +316,7 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 	m.mustEcho(m.serverIP.String(), 8080)
 
 	m.write(m.config(allowOnly("cluster.local/ns/default/sa/someone-else"), ""))
-	waitFor(t, "the new policy", func() bool {
+	testutil.WaitFor(t, "the new policy", func() bool {
 		return strings.Contains(m.server.p.Index().Policies()[0].Rules[0][0][0].Principals[0].Value, "someone-else")
 	})
 	c, code, err := m.socks(m.serverIP.String(), 8080)
@@ -339,10 +324,10 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 		t.Fatalf("denied connection: code %d, %v; want %d (not allowed)", code, err, socks5.NotAllowed)
 	}
 	c.Close()
-	waitFor(t, "the denial in the server's log", func() bool {
+	testutil.WaitFor(t, "the denial in the server's log", func() bool {
 		return strings.Contains(m.server.log.String(), "denied: no ALLOW policy matched (default/allow)")
 	})
-	waitFor(t, "the 401 in the client's log", func() bool {
+	testutil.WaitFor(t, "the 401 in the client's log", func() bool {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 401 Unauthorized")
 	})
 	sm := get(t, "http://"+netip.AddrPortFrom(m.serverIP, ambient.StatsPort).String()+"/metrics")
@@ -371,7 +356,7 @@ func TestPolicyChangeClosesLiveConnection(t *testing.T) {
 	if _, err := c.Read(buf); err == nil {
 		t.Fatal("the live connection still carries bytes after a policy denies it")
 	}
-	waitFor(t, "late rejection in the log", func() bool {
+	testutil.WaitFor(t, "late rejection in the log", func() bool {
 		s := m.server.log.String()
 		return strings.Contains(s, "flags=DENY_LATE") && strings.Contains(s, "closed by a policy change: denied by DENY policy default/deny-client")
 	})
@@ -380,7 +365,7 @@ func TestPolicyChangeClosesLiveConnection(t *testing.T) {
 func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
 	m := newMesh(t, "", "")
 	m.mustEcho(m.plainIP.String(), 9000) // not in the mesh: plain TCP
-	waitFor(t, "passthrough log", func() bool {
+	testutil.WaitFor(t, "passthrough log", func() bool {
 		return strings.Contains(m.client.log.String(), "dst.addr="+m.plainIP.String()+":9000")
 	})
 	if strings.Contains(m.server.log.String(), m.plainIP.String()+":9000") {
@@ -392,7 +377,7 @@ func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
 		t.Fatalf("unknown port: code %d, %v", code, err)
 	}
 	c.Close()
-	waitFor(t, "503 in the client's log", func() bool {
+	testutil.WaitFor(t, "503 in the client's log", func() bool {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 503")
 	})
 	// The proxy's own ports are loops.
@@ -417,12 +402,12 @@ func TestConfigChangeAddsWorkloadLive(t *testing.T) {
 		}
 	}
 	m.write(m.config(lateWl, extra))
-	waitFor(t, "the new service", func() bool { return len(m.client.p.Index().Services()) == 2 })
+	testutil.WaitFor(t, "the new service", func() bool { return len(m.client.p.Index().Services()) == 2 })
 	m.mustEcho("late.default.svc.cluster.local", 80)
 
 	// A bad change is refused and the last good config stays.
 	m.write(m.config(lateWl, extra) + "  bogus: 1\n")
-	waitFor(t, "the rejection", func() bool { return strings.Contains(m.client.log.String(), "config change rejected") })
+	testutil.WaitFor(t, "the rejection", func() bool { return strings.Contains(m.client.log.String(), "config change rejected") })
 	if !strings.Contains(m.client.log.String(), "mesh.yaml:") || !strings.Contains(m.client.log.String(), "bogus: unknown field") {
 		t.Errorf("rejection does not name the line and field:\n%s", m.client.log.String())
 	}
@@ -505,7 +490,7 @@ func TestLargeTransferBothDirections(t *testing.T) {
 	if n != size || !bytes.Equal(up.Sum(nil), down.Sum(nil)) {
 		t.Fatalf("got %d bytes back, hashes equal: %v", n, bytes.Equal(up.Sum(nil), down.Sum(nil)))
 	}
-	waitFor(t, "byte counts in the log", func() bool {
+	testutil.WaitFor(t, "byte counts in the log", func() bool {
 		return strings.Contains(m.server.log.String(), fmt.Sprintf("bytes_sent=%d bytes_recv=%d", size, size))
 	})
 }
@@ -541,7 +526,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 		t.Fatalf("echo %q %v", back, err)
 	}
 	c.Close()
-	waitFor(t, "the shared proxy's access log", func() bool {
+	testutil.WaitFor(t, "the shared proxy's access log", func() bool {
 		return strings.Contains(shared.log.String(), "src.identity=spiffe://cluster.local/ns/default/sa/client")
 	})
 	c, code = dial(m.ip(99)) // no workload there
@@ -549,7 +534,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 	if code != socks5.NotAllowed {
 		t.Fatalf("from an unknown source: code %d, want %d", code, socks5.NotAllowed)
 	}
-	waitFor(t, "the refusal", func() bool {
+	testutil.WaitFor(t, "the refusal", func() bool {
 		return strings.Contains(shared.log.String(), "is not a workload of node node-a: refusing a connection with no identity")
 	})
 }
@@ -569,7 +554,7 @@ func TestCapturePortsRefuseLoops(t *testing.T) {
 		}
 		c.Close()
 	}
-	waitFor(t, "both refusals", func() bool {
+	testutil.WaitFor(t, "both refusals", func() bool {
 		s := m.client.log.String()
 		return strings.Contains(s, `msg="outbound: no original destination"`) &&
 			strings.Contains(s, `msg="inbound: no original destination"`) &&
