@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/lab"
 	"github.com/ambitmesh/ambit/internal/nsutil"
@@ -390,7 +391,7 @@ func (e *env) metricSums(node string, metrics ...string) ([]float64, error) {
 	defer h.Close()
 	sums := make([]float64, len(metrics))
 	err = nsutil.Do(h, func() error {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:15020", 2*time.Second)
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", ambient.StatsPort), 2*time.Second)
 		if err != nil {
 			return err
 		}

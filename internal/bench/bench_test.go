@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
@@ -84,10 +83,7 @@ func TestHold(t *testing.T) {
 // The TLS relay pair carries bytes both ways with half-close, over real
 // TLS 1.3 with certificates from one CA.
 func TestTLSRelayPair(t *testing.T) {
-	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := testutil.CA(t)
 	echo := testutil.Echo(t, "127.0.0.1:0", nil)
 	srv := runRelay(t, &TLSRelay{Connect: echo.String(), Server: true, CA: ca, Log: quiet()})
 	cli := runRelay(t, &TLSRelay{Connect: srv, CA: ca, Log: quiet()})

@@ -17,6 +17,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	istiohbone "istio.io/istio/pkg/hbone"
 	istiolog "istio.io/istio/pkg/log"
 )
@@ -32,10 +33,7 @@ import (
 // to target, download target to client. The same certificates (one CA,
 // ECDSA P-256, TLS 1.3 AES-GCM) on every way.
 func BenchmarkHop(b *testing.B) {
-	ca, err := identity.InitCA(b.TempDir(), "bench", 24*time.Hour)
-	if err != nil {
-		b.Fatal(err)
-	}
+	ca := testutil.CA(b)
 	target := hopTarget(b)
 	for _, dir := range []struct {
 		name string
@@ -43,7 +41,7 @@ func BenchmarkHop(b *testing.B) {
 	}{{"upload", 'u'}, {"download", 'd'}} {
 		b.Run("tls-relay/"+dir.name, func(b *testing.B) {
 			addr := startTLSRelay(b, ca, target)
-			cfg := relayTLS(issue(b, ca, relayClientID), false)
+			cfg := relayTLS(testutil.Issue(b, ca, relayClientID), false)
 			c, err := tls.Dial("tcp", addr, cfg)
 			if err != nil {
 				b.Fatal(err)
@@ -146,14 +144,6 @@ func runHop(b *testing.B, rw io.ReadWriter, dir byte) {
 	}
 }
 
-func issue(b *testing.B, ca *identity.CA, id identity.ID) *identity.Certificate {
-	c, err := (&identity.LocalIssuer{CA: ca}).Issue(context.Background(), id)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return c
-}
-
 func quiet() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func startTLSRelay(b *testing.B, ca *identity.CA, target string) string {
@@ -201,7 +191,7 @@ func (c certs) Get(_ context.Context, id identity.ID) (*identity.Certificate, er
 // ambitHop opens one stream through Ambit's HBONE server, which connects
 // to the target and relays, as the node proxy's inbound does.
 func ambitHop(b *testing.B, ca *identity.CA, target string) *hbone.Stream {
-	srvCert, cliCert := issue(b, ca, relayServerID), issue(b, ca, relayClientID)
+	srvCert, cliCert := testutil.Issue(b, ca, relayServerID), testutil.Issue(b, ca, relayClientID)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -253,9 +243,9 @@ func istioHop(b *testing.B, ca *identity.CA, target string) net.Conn {
 	if s := istiolog.FindScope("hbone"); s != nil {
 		s.SetOutputLevel(istiolog.ErrorLevel) // it logs every connection at info
 	}
-	srvCfg := relayTLS(issue(b, ca, relayServerID), true)
+	srvCfg := relayTLS(testutil.Issue(b, ca, relayServerID), true)
 	srvCfg.NextProtos = []string{"h2"}
-	cliCfg := relayTLS(issue(b, ca, relayClientID), false)
+	cliCfg := relayTLS(testutil.Issue(b, ca, relayClientID), false)
 	cliCfg.NextProtos = []string{"h2"}
 	srv := istiohbone.NewServer()
 	srv.TLSConfig = srvCfg

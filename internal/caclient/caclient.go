@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -20,9 +21,6 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
 )
-
-// DefaultServerName is the control plane's name in its certificate.
-const DefaultServerName = "istiod.istio-system.svc"
 
 // Dial connects to the CA over TLS, trusting the roots in rootCertFile and
 // expecting serverName (default istiod.istio-system.svc).
@@ -40,7 +38,7 @@ func Dial(addr, rootCertFile, serverName string, opts ...grpc.DialOption) (*grpc
 		pool.AddCert(r)
 	}
 	if serverName == "" {
-		serverName = DefaultServerName
+		serverName = ambient.IstiodServerName
 	}
 	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS12})
 	return grpc.NewClient(addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts...)...)

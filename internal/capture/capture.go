@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -36,16 +37,16 @@ type Config struct {
 
 func (c Config) withDefaults() Config {
 	if c.OutboundPort == 0 {
-		c.OutboundPort = 15001
+		c.OutboundPort = ambient.ZtunnelOutboundPort
 	}
 	if c.InboundPort == 0 {
-		c.InboundPort = 15006
+		c.InboundPort = ambient.ZtunnelInboundPlaintextPort
 	}
 	if c.HBONEPort == 0 {
-		c.HBONEPort = 15008
+		c.HBONEPort = ambient.ZtunnelInboundPort
 	}
 	if c.ProxyMark == 0 {
-		c.ProxyMark = 0x539
+		c.ProxyMark = ambient.InpodMark
 	}
 	if c.ConnMark == 0 {
 		c.ConnMark = 0x111

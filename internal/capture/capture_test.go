@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -8,7 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/nsutil"
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -45,7 +48,7 @@ func dial(t *testing.T, ns netns.NsHandle, addr string, mark int) error {
 		if mark != 0 {
 			d.Control = func(_, _ string, c syscall.RawConn) error {
 				var serr error
-				c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+				c.Control(func(fd uintptr) { serr = sockopt.Mark(int(fd), mark) })
 				return serr
 			}
 		}
@@ -70,9 +73,8 @@ func accepted(t *testing.T, l *net.TCPListener) (orig netip.AddrPort, ok bool) {
 	defer c.Close()
 	raw, _ := c.SyscallConn()
 	raw.Control(func(fd uintptr) {
-		m, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, 80) // SO_ORIGINAL_DST
-		if err == nil {
-			orig = netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Multiaddr[4:8])), uint16(m.Multiaddr[2])<<8|uint16(m.Multiaddr[3]))
+		if a, err := sockopt.OriginalDst(int(fd), false); err == nil {
+			orig = a
 		}
 	})
 	return orig, true
@@ -86,9 +88,9 @@ func TestRedirection(t *testing.T) {
 	if ok, err := Installed(pod); !ok || err != nil {
 		t.Fatalf("Installed = %v, %v", ok, err)
 	}
-	out := listen(t, pod, "0.0.0.0:15001")
-	in := listen(t, pod, "0.0.0.0:15006")
-	hbone := listen(t, pod, "0.0.0.0:15008")
+	out := listen(t, pod, fmt.Sprintf("0.0.0.0:%d", ambient.ZtunnelOutboundPort))
+	in := listen(t, pod, fmt.Sprintf("0.0.0.0:%d", ambient.ZtunnelInboundPlaintextPort))
+	hbone := listen(t, pod, fmt.Sprintf("0.0.0.0:%d", ambient.ZtunnelInboundPort))
 	server := listen(t, peer, "10.250.0.3:8080")
 
 	// 1. The pod's outbound TCP lands on 15001, with its original destination.
@@ -102,7 +104,7 @@ func TestRedirection(t *testing.T) {
 		t.Fatal("outbound: the peer got the connection directly")
 	}
 	// 2. The proxy's own (marked) sockets go out untouched.
-	if err := dial(t, pod, "10.250.0.3:8080", 0x539); err != nil {
+	if err := dial(t, pod, "10.250.0.3:8080", ambient.InpodMark); err != nil {
 		t.Fatal(err)
 	}
 	if _, ok := accepted(t, server); !ok {
@@ -116,7 +118,7 @@ func TestRedirection(t *testing.T) {
 		t.Fatalf("inbound: captured=%v original=%v", ok, orig)
 	}
 	// 4. HBONE (15008) is not redirected.
-	if err := dial(t, peer, "10.250.0.2:15008", 0); err != nil {
+	if err := dial(t, peer, fmt.Sprintf("10.250.0.2:%d", ambient.ZtunnelInboundPort), 0); err != nil {
 		t.Fatal(err)
 	}
 	if _, ok := accepted(t, hbone); !ok {

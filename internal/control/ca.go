@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc/codes"
@@ -25,9 +26,6 @@ import (
 // ImpersonatedIdentity is the metadata key by which a node proxy asks for
 // the identity of a workload on its node.
 const ImpersonatedIdentity = "ImpersonatedIdentity"
-
-// ProxyServiceAccount is the node proxies' own identity: istio-system/ztunnel.
-var ProxyServiceAccount = [2]string{"istio-system", "ztunnel"}
 
 // CAServer signs CSRs for the identities a caller may hold: the node
 // proxy's own, and those of the workloads on the caller's node.
@@ -126,11 +124,11 @@ func (s *CAServer) mayHold(node string, id identity.ID) bool {
 	if s.Index != nil {
 		local = s.Index().WorkloadsOnNode(node)
 	}
-	if id.Namespace == ProxyServiceAccount[0] && id.ServiceAccount == ProxyServiceAccount[1] {
+	if id.Namespace == ambient.NodeProxyNamespace && id.ServiceAccount == ambient.NodeProxyServiceAccount {
 		// The proxy's own identity, in a trust domain the node serves
 		// (cluster.local when it serves none yet).
 		if len(local) == 0 {
-			return id.TrustDomain == "cluster.local"
+			return id.TrustDomain == ambient.DefaultTrustDomain
 		}
 		for _, w := range local {
 			if w.TrustDomain == id.TrustDomain {

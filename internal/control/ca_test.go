@@ -10,9 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -29,17 +31,14 @@ const (
 var (
 	clientID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
 	serverID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "server"}
-	proxyID  = identity.ID{TrustDomain: "cluster.local", Namespace: "istio-system", ServiceAccount: "ztunnel"}
+	proxyID  = ambient.NodeProxyID()
 )
 
 // startCA serves the CA over gRPC with TLS on loopback and returns its
 // address and the root file a client trusts.
 func startCA(t *testing.T) (string, string) {
 	dir := t.TempDir()
-	ca, err := identity.InitCA(filepath.Join(dir, "ca"), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := testutil.CA(t)
 	ix, err := config.Parse("mesh.yaml", []byte(`workloads:
 - {name: client, namespace: default, serviceAccount: client, workloadIps: ["10.0.0.1"], node: node-a}
 - {name: server, namespace: default, serviceAccount: server, workloadIps: ["10.0.0.2"], node: node-b}
@@ -51,7 +50,7 @@ func startCA(t *testing.T) (string, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, err := ca.IssueServing([]string{caclient.DefaultServerName}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour)
+	cert, err := ca.IssueServing([]string{ambient.IstiodServerName}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"github.com/ambitmesh/ambit/internal/xds"
@@ -17,9 +18,6 @@ import (
 	"google.golang.org/grpc/credentials"
 	pb "istio.io/api/security/v1alpha1"
 )
-
-// ServerName is the control plane's name in its certificate.
-const ServerName = "istiod.istio-system.svc"
 
 // Server is the control plane: one gRPC server over TLS with the CA and
 // delta ADS, every call authenticated by a node's bearer token. Its view of
@@ -43,7 +41,7 @@ func NewServer(ctx context.Context, ca *identity.CA, tokens Tokens, ip netip.Add
 	}
 	s := &Server{CA: ca, Tokens: tokens, Log: log}
 	s.index.Store(ix)
-	cert, err := ca.IssueServing([]string{ServerName}, []net.IP{net.IP(ip.AsSlice())}, 365*24*time.Hour)
+	cert, err := ca.IssueServing([]string{ambient.IstiodServerName}, []net.IP{net.IP(ip.AsSlice())}, 365*24*time.Hour)
 	if err != nil {
 		return nil, err
 	}

@@ -6,12 +6,12 @@ import (
 	"crypto/x509"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/config"
-	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
@@ -26,10 +26,7 @@ import (
 // Interop: Ambit's control plane driven by a client made only of Istio's
 // and go-control-plane's generated types, speaking as ztunnel does.
 func TestControlPlaneSpeaksToAGeneratedClient(t *testing.T) {
-	ca, err := identity.InitCA(filepath.Join(t.TempDir(), "ca"), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := testutil.CA(t)
 	ix, err := config.Parse("mesh.yaml", []byte(`workloads:
 - {uid: u1, name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, node: node-a}
 services:
@@ -56,7 +53,7 @@ policies:
 	for _, r := range ca.Roots() {
 		pool.AddCert(r)
 	}
-	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: ServerName})))
+	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: ambient.IstiodServerName})))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
@@ -96,7 +97,7 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	appAddr := netip.MustParseAddrPort(app.Addr().String())
 	p("app", "echo server listening on %s", appAddr)
 
-	hl, err := listen(opt.ServerIP, 15008)
+	hl, err := listen(opt.ServerIP, ambient.ZtunnelInboundPort)
 	if err != nil {
 		return err
 	}
@@ -132,7 +133,7 @@ func Run(ctx context.Context, w io.Writer, opt Options) error {
 	// 4. The client side: an app connects to the client's proxy listener
 	// (standing in for capture, which comes with the lab), and the proxy
 	// carries the connection through the tunnel.
-	pl, err := listen(opt.ClientIP, 15001)
+	pl, err := listen(opt.ClientIP, ambient.ZtunnelOutboundPort)
 	if err != nil {
 		return err
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -214,7 +215,7 @@ func TestRapidResetGetsGoAway(t *testing.T) {
 		t.Errorf("GOAWAY code %v, want ENHANCE_YOUR_CALM", ev.code)
 	}
 	p.await("eof", 20*time.Second)
-	waitFor(t, "every handler of a reset stream ends", func() bool { return h.running.Load() == 0 })
+	testutil.WaitFor(t, "every handler of a reset stream ends", func() bool { return h.running.Load() == 0 })
 	calls := h.calls.Load()
 	// The budget (200) and the handlers that started before their RST was
 	// read: far fewer than the streams sent.
@@ -239,15 +240,15 @@ func TestResetCancelsTheHandler(t *testing.T) {
 	p.read(false, nil)
 	p.connect(1, "127.0.0.1:9", true)
 	p.flush()
-	waitFor(t, "the handler starts", func() bool { return h.running.Load() == 1 })
+	testutil.WaitFor(t, "the handler starts", func() bool { return h.running.Load() == 1 })
 	p.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 	p.flush()
-	waitFor(t, "the handler's context ends", func() bool { return h.cancelled.Load() == 1 })
-	waitFor(t, "the handler returns", func() bool { return h.running.Load() == 0 })
+	testutil.WaitFor(t, "the handler's context ends", func() bool { return h.cancelled.Load() == 1 })
+	testutil.WaitFor(t, "the handler returns", func() bool { return h.running.Load() == 0 })
 	// The one slot is free again: a new stream reaches a handler.
 	p.connect(3, "127.0.0.1:9", true)
 	p.flush()
-	waitFor(t, "a second stream's handler starts", func() bool { return h.calls.Load() == 2 })
+	testutil.WaitFor(t, "a second stream's handler starts", func() bool { return h.calls.Load() == 2 })
 }
 
 // A reset stream keeps its slot while its handler runs: with MaxStreams 1,
@@ -266,7 +267,7 @@ func TestResetStreamHoldsItsSlotUntilTheHandlerReturns(t *testing.T) {
 	p.read(false, nil)
 	p.connect(1, "127.0.0.1:9", true)
 	p.flush()
-	waitFor(t, "the handler starts", func() bool { return calls.Load() == 1 })
+	testutil.WaitFor(t, "the handler starts", func() bool { return calls.Load() == 1 })
 	p.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 	p.connect(3, "127.0.0.1:9", true)
 	p.flush()
@@ -450,7 +451,7 @@ func TestPeerStreamLimitAcrossConnections(t *testing.T) {
 	a.flush()
 	b.connect(1, "127.0.0.1:9", true)
 	b.flush()
-	waitFor(t, "three handlers run", func() bool { return h.running.Load() == 3 })
+	testutil.WaitFor(t, "three handlers run", func() bool { return h.running.Load() == 3 })
 	b.connect(3, "127.0.0.1:9", true)
 	b.flush()
 	if ev := b.awaitStream(3, 10*time.Second); ev.kind != "rst" || ev.code != http2.ErrCodeRefusedStream {
@@ -459,10 +460,10 @@ func TestPeerStreamLimitAcrossConnections(t *testing.T) {
 	// One ends: the next is admitted.
 	a.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 	a.flush()
-	waitFor(t, "the reset stream's handler returns", func() bool { return h.running.Load() == 2 })
+	testutil.WaitFor(t, "the reset stream's handler returns", func() bool { return h.running.Load() == 2 })
 	b.connect(5, "127.0.0.1:9", true)
 	b.flush()
-	waitFor(t, "a stream is admitted again", func() bool { return h.running.Load() == 3 })
+	testutil.WaitFor(t, "a stream is admitted again", func() bool { return h.running.Load() == 3 })
 }
 
 // RST_STREAM on a stream never opened is a connection error (RFC 9113
@@ -550,18 +551,6 @@ func TestResetBucket(t *testing.T) {
 	b = newResetBucket(Config{ResetBurst: 3, ResetRate: 2})
 	if b.take(now, 4) || !b.take(now, 3) || b.take(now, 1) {
 		t.Fatal("taking 4 of 3 tokens, then 3, then 1 more: want no, yes, no")
-	}
-}
-
-// waitFor polls cond for up to 20 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -751,7 +751,7 @@ func TestStreamWriteToSocket(t *testing.T) {
 	}()
 	// Not a sleep: wait until the reader found the socket full and queued
 	// (or WriteTo is writing what it queued), however slow the machine.
-	waitFor(t, "a chunk queued for a full socket", func() bool {
+	testutil.WaitFor(t, "a chunk queued for a full socket", func() bool {
 		st.c.mu.Lock()
 		defer st.c.mu.Unlock()
 		return st.rbuf.len() > 0 || st.wtBusy

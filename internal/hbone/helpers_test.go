@@ -22,14 +22,13 @@ var (
 	serverID = identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "server"}
 )
 
-// newCA makes a fresh self-signed CA in a temporary directory.
-func newCA(t testing.TB) *identity.CA {
+// newCA and issue are testutil's CA and Issue under the names this
+// package's tests call.
+func newCA(t testing.TB) *identity.CA { t.Helper(); return testutil.CA(t) }
+
+func issue(t testing.TB, ca *identity.CA, id identity.ID) *identity.Certificate {
 	t.Helper()
-	ca, err := identity.InitCA(t.TempDir(), "test", 24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ca
+	return testutil.Issue(t, ca, id)
 }
 
 // newManager returns a certificate manager over ca, closed with the test.

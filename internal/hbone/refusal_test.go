@@ -29,15 +29,6 @@ func (s staticCerts) Get(_ context.Context, id identity.ID) (*identity.Certifica
 	return nil, errors.New("no certificate")
 }
 
-func issue(t *testing.T, ca *identity.CA, id identity.ID) *identity.Certificate {
-	t.Helper()
-	c, err := (&identity.LocalIssuer{CA: ca}).Issue(context.Background(), id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
 func TestRefusals(t *testing.T) {
 	ca := newCA(t)
 	m := newManager(t, ca, 0)

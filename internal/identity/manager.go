@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/ambitmesh/ambit/internal/backoff"
 )
 
 // Backoff defaults for a failed issuance: 500 ms doubling up to 150 s.
@@ -173,7 +175,7 @@ func (m *Manager) run(ctx context.Context, id ID, e *entry) {
 	if maxB <= 0 {
 		maxB = DefaultMaxBackoff
 	}
-	backoff := initial
+	retry := backoff.Backoff{Min: initial, Max: maxB}
 	for {
 		cert, err := m.issuer.Issue(ctx, id)
 		var wait time.Duration
@@ -191,15 +193,14 @@ func (m *Manager) run(ctx context.Context, id ID, e *entry) {
 			e.lastErr = err
 			held := e.cert
 			e.mu.Unlock()
+			wait = retry.Next()
 			if held != nil && time.Now().After(held.NotAfter()) {
 				m.log.Error("certificate expired and renewal failing", "identity", id, "expired", held.NotAfter(), "err", err)
 			} else {
-				m.log.Warn("certificate request failed; retrying", "identity", id, "retry_in", backoff, "err", err)
+				m.log.Warn("certificate request failed; retrying", "identity", id, "retry_in", wait, "err", err)
 			}
-			wait = backoff
-			backoff = min(backoff*2, maxB)
 		} else {
-			backoff = initial
+			retry.Reset()
 			e.mu.Lock()
 			e.cert, e.lastErr = cert, nil
 			e.mu.Unlock()

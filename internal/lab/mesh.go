@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/nodeagent"
@@ -190,7 +191,7 @@ func (t *Topology) proxyReady(node string) error {
 	defer h.Close()
 	var status string
 	err = nsutil.Do(h, func() error {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:15021", time.Second)
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", ambient.ReadinessPort), time.Second)
 		if err != nil {
 			return err
 		}

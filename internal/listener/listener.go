@@ -24,6 +24,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/ambitmesh/ambit/internal/backoff"
 )
 
 // Back-off between failed accepts, doubling from min to max as
@@ -132,7 +134,7 @@ type deadliner interface{ SetDeadline(time.Time) error }
 // fell between another's giving up its reserve and taking it back would
 // take it; the other, readiness say, would have none left to answer with.
 func (g *Guarded) Accept() (net.Conn, error) {
-	backoff := minBackoff
+	retry := backoff.Backoff{Min: minBackoff, Max: maxBackoff}
 	dl, canTime := g.Listener.(deadliner)
 	for {
 		g.mu.Lock()
@@ -182,12 +184,11 @@ func (g *Guarded) Accept() (net.Conn, error) {
 			// A connection was taken off the backlog: progress, not a
 			// spin. The next one (a readiness probe, say) is answered
 			// within the shortest back-off, not after a second.
-			backoff = minBackoff
+			retry.Reset()
 		}
-		if g.sleep(backoff) {
+		if g.sleep(retry.Next()) {
 			return nil, net.ErrClosed
 		}
-		backoff = min(2*backoff, maxBackoff)
 	}
 }
 

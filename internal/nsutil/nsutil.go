@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -130,7 +131,7 @@ func BoundTCP(ns netns.NsHandle, laddr, raddr netip.AddrPort, setup func(fd int)
 	}
 	if laddr.IsValid() {
 		if laddr.Port() == 0 {
-			NoPortAtBind(fd)
+			_ = sockopt.NoPortAtBind(fd) // best effort (see there)
 		}
 		if err := unix.Bind(fd, sockaddr(family, laddr)); err != nil {
 			unix.Close(fd)
@@ -150,19 +151,6 @@ func dialError(laddr, raddr netip.AddrPort, op string, err error) error {
 		err = os.NewSyscallError(op, err)
 	}
 	return &net.OpError{Op: "dial", Net: "tcp", Source: src, Addr: net.TCPAddrFromAddrPort(raddr), Err: err}
-}
-
-// NoPortAtBind leaves the choice of a socket's local port from bind to
-// connect (IP_BIND_ADDRESS_NO_PORT). A bind to (address, 0) must find a
-// port free for any destination, searching the ephemeral range against
-// every socket bound to that address, live or in TIME_WAIT: a node proxy
-// dials applications from the client's IP, thousands of times from one
-// address. Measured right after a previous 10,000-connection run, a bind
-// took 47 ms (median), each blocking a thread until the runtime started
-// another. At connect the port need only be unique for the four-tuple.
-// Kernels without the option keep the old behaviour.
-func NoPortAtBind(fd int) {
-	_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 }
 
 // waitConnected waits, in the runtime's poller, for a non-blocking connect

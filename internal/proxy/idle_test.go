@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/socks5"
+	"github.com/ambitmesh/ambit/internal/testutil"
 )
 
 // goroutinesIn counts the goroutines whose stack passes through pkg (an
@@ -168,7 +169,7 @@ func BenchmarkIdleConnectionHeap(b *testing.B) {
 // settle waits until each proxy's poller holds exactly want directions.
 func settle(b *testing.B, m *mesh, want int) {
 	b.Helper()
-	waitFor(b, fmt.Sprintf("%d directions waiting in each proxy", want), func() bool {
+	testutil.WaitFor(b, fmt.Sprintf("%d directions waiting in each proxy", want), func() bool {
 		return m.client.p.poller.Waiting() == want && m.server.p.poller.Waiting() == want
 	})
 }

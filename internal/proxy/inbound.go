@@ -17,11 +17,10 @@ import (
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
-	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
-	"golang.org/x/sys/unix"
 )
 
 // inboundReq is one connection arriving for a local workload, over HBONE
@@ -247,13 +246,9 @@ func withClientPort[C any](client netip.AddrPort, dial func(from netip.AddrPort)
 // local address (loopback) still works.
 func transparent(network, address string, c syscall.RawConn) error {
 	return c.Control(func(fd uintptr) {
-		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
-		if strings.HasSuffix(network, "6") {
-			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
-		}
-		_ = unix.SetsockoptInt(int(fd), level, opt, 1)
-		reuseAddr(int(fd))
-		nsutil.NoPortAtBind(int(fd)) // when it binds the client's address with port 0
+		_ = sockopt.Transparent(int(fd), strings.HasSuffix(network, "6"))
+		_ = sockopt.ReuseAddr(int(fd))    // the client's port, as in dialSetup
+		_ = sockopt.NoPortAtBind(int(fd)) // when it binds the client's address with port 0
 	})
 }
 

@@ -41,10 +41,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := testutil.CA(t)
 	lb := &logBuf{}
 	log := slog.New(slog.NewTextHandler(lb, nil))
 	certs := identity.NewManager(&identity.LocalIssuer{CA: ca}, log)
@@ -58,7 +55,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	done := make(chan struct{})
 	go func() { p.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	waitFor(t, "readiness", func() bool { ok, _ := p.Ready(); return ok })
+	testutil.WaitFor(t, "readiness", func() bool { ok, _ := p.Ready(); return ok })
 
 	// Enrollment goes the real way: the node agent installs capture and
 	// hands each namespace to the proxy over the ZDS socket.
@@ -74,7 +71,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	if err := agent.Enroll(nodeagent.Pod{UID: "seed//client", Info: &zdsapi.WorkloadInfo{Name: "client", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + clientName}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the snapshot", func() bool { return p.podAt(netip.MustParseAddr("10.250.9.2")) != nil })
+	testutil.WaitFor(t, "the snapshot", func() bool { return p.podAt(netip.MustParseAddr("10.250.9.2")) != nil })
 	if err := agent.Enroll(nodeagent.Pod{UID: "seed//server", Info: &zdsapi.WorkloadInfo{Name: "server", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + serverName}); err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +160,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the app never accepted the second connection")
 	}
-	waitFor(t, "both access-log records", func() bool { return strings.Count(lb.String(), "connection complete") >= 4 })
+	testutil.WaitFor(t, "both access-log records", func() bool { return strings.Count(lb.String(), "connection complete") >= 4 })
 	logs := lb.String()
 	for _, want := range []string{
 		"src.addr=10.250.9.2:", "dst.addr=10.250.9.3:80", "dst.hbone_addr=10.250.9.3:15008",
@@ -197,7 +194,7 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	}
 	// The server pod is still captured: a plaintext arrival goes through
 	// 15006 (policy with no identity) and is logged as inbound.
-	waitFor(t, "the plaintext inbound record", func() bool {
+	testutil.WaitFor(t, "the plaintext inbound record", func() bool {
 		return strings.Count(lb.String(), "connection complete") == before+1
 	})
 	if last := lastLine(lb.String(), "connection complete"); !strings.Contains(last, "direction=inbound") || strings.Contains(last, "src.identity") {

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/socks5"
@@ -43,17 +44,6 @@ type logBuf struct {
 
 func (l *logBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
 func (l *logBuf) String() string              { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
-
-// waitFor polls cond for up to 5 s.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if cond() {
-			return
-		}
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
 
 type node struct {
 	p       *Proxy
@@ -131,11 +121,7 @@ func newMesh(t testing.TB, serverExtra, extra string) *mesh {
 	testutil.Echo(t, netip.AddrPortFrom(m.serverIP, 8080).String(), m.appPeers)
 	echoOn(t, netip.AddrPortFrom(m.plainIP, 9000))
 
-	ca, err := identity.InitCA(t.TempDir(), "test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.ca = ca
+	m.ca = testutil.CA(t)
 	m.client = m.startProxy(Options{Workload: "default/client"}, m.clientIP)
 	m.server = m.startProxy(Options{Workload: "default/server"}, m.serverIP)
 	return m
@@ -180,8 +166,8 @@ func (m *mesh) startProxy(opts Options, ip netip.Addr) *node {
 	ran := make(chan struct{})
 	go func() { _ = p.Run(ctx); close(ran) }()
 	t.Cleanup(func() { cancel(); <-ran; <-watched })
-	waitFor(t, opts.Workload+opts.Node+" ready", func() bool {
-		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, 15021).String() + "/healthz/ready")
+	testutil.WaitFor(t, opts.Workload+opts.Node+" ready", func() bool {
+		resp, err := http.Get("http://" + netip.AddrPortFrom(ip, ambient.ReadinessPort).String() + "/healthz/ready")
 		if err != nil {
 			return false
 		}
@@ -197,7 +183,7 @@ func echoOn(t testing.TB, addr netip.AddrPort) { testutil.Echo(t, addr.String(),
 // socks connects through the client's SOCKS5 port to host:port (host an IP
 // or a name) and returns the connection and the reply code.
 func (m *mesh) socks(host string, port uint16) (*net.TCPConn, byte, error) {
-	c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, 15080).String())
+	c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, ambient.SOCKS5Port).String())
 	if err != nil {
 		return nil, 0, err
 	}
@@ -274,7 +260,7 @@ func TestEchoThroughTheMesh(t *testing.T) {
 	}
 
 	// Both ends logged the connection with the right identities.
-	waitFor(t, "access logs", func() bool {
+	testutil.WaitFor(t, "access logs", func() bool {
 		return strings.Contains(m.client.log.String(), "connection complete") && strings.Contains(m.server.log.String(), "connection complete")
 	})
 	cl, sl := m.client.log.String(), m.server.log.String()
@@ -291,8 +277,8 @@ func TestEchoThroughTheMesh(t *testing.T) {
 		}
 	}
 	// Metrics at both ends.
-	cm := get(t, "http://"+m.clientIP.String()+":15020/metrics")
-	sm := get(t, "http://"+m.serverIP.String()+":15020/stats/prometheus")
+	cm := get(t, "http://"+netip.AddrPortFrom(m.clientIP, ambient.StatsPort).String()+"/metrics")
+	sm := get(t, "http://"+netip.AddrPortFrom(m.serverIP, ambient.StatsPort).String()+"/stats/prometheus")
 	for _, want := range []string{`istio_tcp_connections_opened_total{`, `reporter="source"`, `connection_security_policy="mutual_tls"`,
 		`destination_principal="spiffe://cluster.local/ns/default/sa/server"`, `source_canonical_service="client"`, `istio_build{component="ztunnel",tag="test"} 1`} {
 		if !strings.Contains(cm, want) {
@@ -310,7 +296,7 @@ func TestServiceByVIPAndByName(t *testing.T) {
 	m := newMesh(t, "", empty)
 	m.mustEcho(fmt.Sprintf("10.96.%d.10", m.n), 80) // VIP:80 → endpoint :8080
 	m.mustEcho("echo.default.svc.cluster.local", 80)
-	waitFor(t, "service in the access log", func() bool {
+	testutil.WaitFor(t, "service in the access log", func() bool {
 		return strings.Contains(m.client.log.String(), "dst.service=echo.default.svc.cluster.local")
 	})
 	// A service with no endpoint is refused, and the log says why.
@@ -319,7 +305,7 @@ func TestServiceByVIPAndByName(t *testing.T) {
 	} else {
 		c.Close()
 	}
-	waitFor(t, "the refusal in the log", func() bool {
+	testutil.WaitFor(t, "the refusal in the log", func() bool {
 		return strings.Contains(m.client.log.String(), "service default/empty.default.svc.cluster.local port 80: no endpoint (the service has no endpoints)")
 	})
 	if c, code, err := m.socks("nope.default.svc.cluster.local", 80); err != nil || code != socks5.HostUnreachable {
@@ -338,7 +324,7 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 	m.mustEcho(m.serverIP.String(), 8080)
 
 	m.write(m.config(allowOnly("cluster.local/ns/default/sa/someone-else"), ""))
-	waitFor(t, "the new policy", func() bool {
+	testutil.WaitFor(t, "the new policy", func() bool {
 		return strings.Contains(m.server.p.Index().Policies()[0].Rules[0][0][0].Principals[0].Value, "someone-else")
 	})
 	c, code, err := m.socks(m.serverIP.String(), 8080)
@@ -346,13 +332,13 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 		t.Fatalf("denied connection: code %d, %v; want %d (not allowed)", code, err, socks5.NotAllowed)
 	}
 	c.Close()
-	waitFor(t, "the denial in the server's log", func() bool {
+	testutil.WaitFor(t, "the denial in the server's log", func() bool {
 		return strings.Contains(m.server.log.String(), "denied: no ALLOW policy matched (default/allow)")
 	})
-	waitFor(t, "the 401 in the client's log", func() bool {
+	testutil.WaitFor(t, "the 401 in the client's log", func() bool {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 401 Unauthorized")
 	})
-	sm := get(t, "http://"+m.serverIP.String()+":15020/metrics")
+	sm := get(t, "http://"+netip.AddrPortFrom(m.serverIP, ambient.StatsPort).String()+"/metrics")
 	if !strings.Contains(sm, "istio_tcp_connections_failed_total{") || !strings.Contains(sm, `response_flags="DENY"`) {
 		t.Errorf("no DENY in the server's metrics:\n%s", sm)
 	}
@@ -378,7 +364,7 @@ func TestPolicyChangeClosesLiveConnection(t *testing.T) {
 	if _, err := c.Read(buf); err == nil {
 		t.Fatal("the live connection still carries bytes after a policy denies it")
 	}
-	waitFor(t, "late rejection in the log", func() bool {
+	testutil.WaitFor(t, "late rejection in the log", func() bool {
 		s := m.server.log.String()
 		return strings.Contains(s, "flags=DENY_LATE") && strings.Contains(s, "closed by a policy change: denied by DENY policy default/deny-client")
 	})
@@ -387,7 +373,7 @@ func TestPolicyChangeClosesLiveConnection(t *testing.T) {
 func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
 	m := newMesh(t, "", "")
 	m.mustEcho(m.plainIP.String(), 9000) // not in the mesh: plain TCP
-	waitFor(t, "passthrough log", func() bool {
+	testutil.WaitFor(t, "passthrough log", func() bool {
 		return strings.Contains(m.client.log.String(), "dst.addr="+m.plainIP.String()+":9000")
 	})
 	if strings.Contains(m.server.log.String(), m.plainIP.String()+":9000") {
@@ -399,11 +385,11 @@ func TestPassthroughUnknownPortAndSelfCall(t *testing.T) {
 		t.Fatalf("unknown port: code %d, %v", code, err)
 	}
 	c.Close()
-	waitFor(t, "503 in the client's log", func() bool {
+	testutil.WaitFor(t, "503 in the client's log", func() bool {
 		return strings.Contains(m.client.log.String(), "CONNECT answered 503")
 	})
 	// The proxy's own ports are loops.
-	c, code, err = m.socks(m.serverIP.String(), 15008)
+	c, code, err = m.socks(m.serverIP.String(), ambient.ZtunnelInboundPort)
 	if err != nil || code != socks5.HostUnreachable {
 		t.Fatalf("self call: code %d, %v", code, err)
 	}
@@ -424,12 +410,12 @@ func TestConfigChangeAddsWorkloadLive(t *testing.T) {
 		}
 	}
 	m.write(m.config(lateWl, extra))
-	waitFor(t, "the new service", func() bool { return len(m.client.p.Index().Services()) == 2 })
+	testutil.WaitFor(t, "the new service", func() bool { return len(m.client.p.Index().Services()) == 2 })
 	m.mustEcho("late.default.svc.cluster.local", 80)
 
 	// A bad change is refused and the last good config stays.
 	m.write(m.config(lateWl, extra) + "  bogus: 1\n")
-	waitFor(t, "the rejection", func() bool { return strings.Contains(m.client.log.String(), "config change rejected") })
+	testutil.WaitFor(t, "the rejection", func() bool { return strings.Contains(m.client.log.String(), "config change rejected") })
 	if !strings.Contains(m.client.log.String(), "mesh.yaml:") || !strings.Contains(m.client.log.String(), "bogus: unknown field") {
 		t.Errorf("rejection does not name the line and field:\n%s", m.client.log.String())
 	}
@@ -438,7 +424,7 @@ func TestConfigChangeAddsWorkloadLive(t *testing.T) {
 
 func TestAdminEndpoints(t *testing.T) {
 	m := newMesh(t, "", "")
-	base := "http://" + m.clientIP.String() + ":15000"
+	base := "http://" + netip.AddrPortFrom(m.clientIP, ambient.AdminPort).String()
 	d := get(t, base+"/config_dump")
 	for _, want := range []string{`"mode": "dedicated default/client"`, `"uid": "test//server"`, `"identity": "spiffe://cluster.local/ns/default/sa/client"`, `"notAfter"`, `"vips": [`} {
 		if !strings.Contains(d, want) {
@@ -512,7 +498,7 @@ func TestLargeTransferBothDirections(t *testing.T) {
 	if n != size || !bytes.Equal(up.Sum(nil), down.Sum(nil)) {
 		t.Fatalf("got %d bytes back, hashes equal: %v", n, bytes.Equal(up.Sum(nil), down.Sum(nil)))
 	}
-	waitFor(t, "byte counts in the log", func() bool {
+	testutil.WaitFor(t, "byte counts in the log", func() bool {
 		return strings.Contains(m.server.log.String(), fmt.Sprintf("bytes_sent=%d bytes_recv=%d", size, size))
 	})
 }
@@ -526,7 +512,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 	dial := func(from netip.Addr) (*net.TCPConn, byte) {
 		t.Helper()
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
-		c, err := d.Dial("tcp", netip.AddrPortFrom(nodeIP, 15080).String())
+		c, err := d.Dial("tcp", netip.AddrPortFrom(nodeIP, ambient.SOCKS5Port).String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -548,7 +534,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 		t.Fatalf("echo %q %v", back, err)
 	}
 	c.Close()
-	waitFor(t, "the shared proxy's access log", func() bool {
+	testutil.WaitFor(t, "the shared proxy's access log", func() bool {
 		return strings.Contains(shared.log.String(), "src.identity=spiffe://cluster.local/ns/default/sa/client")
 	})
 	c, code = dial(m.ip(99)) // no workload there
@@ -556,7 +542,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 	if code != socks5.NotAllowed {
 		t.Fatalf("from an unknown source: code %d, want %d", code, socks5.NotAllowed)
 	}
-	waitFor(t, "the refusal", func() bool {
+	testutil.WaitFor(t, "the refusal", func() bool {
 		return strings.Contains(shared.log.String(), "is not a workload of node node-a: refusing a connection with no identity")
 	})
 }
@@ -565,7 +551,7 @@ func TestSharedNodeModeIdentifiesSourceByIP(t *testing.T) {
 // destination (SO_ORIGINAL_DST finds none): it is refused, and said so.
 func TestCapturePortsRefuseLoops(t *testing.T) {
 	m := newMesh(t, "", "")
-	for _, port := range []uint16{15001, 15006} {
+	for _, port := range []uint16{ambient.ZtunnelOutboundPort, ambient.ZtunnelInboundPlaintextPort} {
 		c, err := net.Dial("tcp", netip.AddrPortFrom(m.clientIP, port).String())
 		if err != nil {
 			t.Fatal(err)
@@ -576,7 +562,7 @@ func TestCapturePortsRefuseLoops(t *testing.T) {
 		}
 		c.Close()
 	}
-	waitFor(t, "both refusals", func() bool {
+	testutil.WaitFor(t, "both refusals", func() bool {
 		s := m.client.log.String()
 		return strings.Contains(s, `msg="outbound: no original destination"`) &&
 			strings.Contains(s, `msg="inbound: no original destination"`) &&

@@ -1,19 +1,14 @@
 package proxy
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"unsafe"
 
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"golang.org/x/sys/unix"
 )
-
-// SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST): the destination a connection
-// had before the kernel redirected it to this listener.
-const soOriginalDst = 80
 
 // errNotRedirected is the answer for a connection that reached the port
 // directly: the kernel has no original destination for it.
@@ -29,21 +24,7 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	var out netip.AddrPort
 	var serr error
 	err = raw.Control(func(fd uintptr) {
-		if local.Addr().Is4() || local.Addr().Is4In6() {
-			var sa unix.RawSockaddrInet4
-			size := uint32(unsafe.Sizeof(sa))
-			serr = getsockopt(int(fd), unix.SOL_IP, soOriginalDst, unsafe.Pointer(&sa), &size)
-			if serr == nil {
-				out = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:]))
-			}
-			return
-		}
-		var sa unix.RawSockaddrInet6
-		size := uint32(unsafe.Sizeof(sa))
-		serr = getsockopt(int(fd), unix.SOL_IPV6, soOriginalDst, unsafe.Pointer(&sa), &size)
-		if serr == nil {
-			out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:]))
-		}
+		out, serr = sockopt.OriginalDst(int(fd), !local.Addr().Is4() && !local.Addr().Is4In6())
 	})
 	if err != nil {
 		return netip.AddrPort{}, err
@@ -55,12 +36,4 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", serr)
 	}
 	return netip.AddrPortFrom(out.Addr().Unmap(), out.Port()), nil
-}
-
-func getsockopt(fd, level, name int, val unsafe.Pointer, size *uint32) error {
-	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(name), uintptr(val), uintptr(unsafe.Pointer(size)), 0)
-	if errno != 0 {
-		return errno
-	}
-	return nil
 }

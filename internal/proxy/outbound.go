@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/relay"
@@ -54,7 +55,8 @@ func (r *refusal) Error() string { return r.msg }
 // loop and is refused.
 func (p *Proxy) isSelfPort(port uint16) bool {
 	switch port {
-	case p.ports.Outbound, p.ports.Inbound, p.ports.HBONE, p.ports.SOCKS, 15001, 15006, 15008, 15080:
+	case p.ports.Outbound, p.ports.Inbound, p.ports.HBONE, p.ports.SOCKS,
+		ambient.ZtunnelOutboundPort, ambient.ZtunnelInboundPlaintextPort, ambient.ZtunnelInboundPort, ambient.SOCKS5Port:
 		return true
 	}
 	return false
@@ -99,7 +101,7 @@ func workloadRoute(w *workload.Workload, svc *workload.Service, ip netip.Addr, p
 		return r
 	}
 	r.kind = routeHBONE
-	r.dial = netip.AddrPortFrom(ip, 15008)
+	r.dial = netip.AddrPortFrom(ip, ambient.ZtunnelInboundPort)
 	r.authority = target
 	r.expected = []identity.ID{w.Identity()}
 	if svc != nil {

@@ -8,17 +8,15 @@ import (
 	"net/netip"
 	"syscall"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
+	"github.com/ambitmesh/ambit/internal/sockopt"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"istio.io/istio/pkg/zdsapi"
 )
-
-// ProxyMark is SO_MARK on every socket the proxy opens in a pod's
-// namespace, so capture lets it pass.
-const ProxyMark = 0x539
 
 // pod is a workload enrolled in in-pod capture: the proxy listens inside
 // its namespace and opens its connections from there.
@@ -167,7 +165,12 @@ func (pd *pod) dial(ctx context.Context, from, to netip.AddrPort) (*net.TCPConn,
 func dialSetup(from, to netip.AddrPort) func(fd int) error {
 	return func(fd int) error {
 		if from.Port() != 0 {
-			reuseAddr(fd)
+			// Binds the client's address and port while another of the
+			// proxy's sockets has them bound to a different destination (a
+			// client may use one port for several); connect still refuses
+			// a four-tuple in use. Best effort: without it such a bind
+			// fails and withClientPort falls back to any port.
+			_ = sockopt.ReuseAddr(fd)
 		}
 		return markTransparent(fd, !to.Addr().Unmap().Is4())
 	}
@@ -188,15 +191,6 @@ func (pd *pod) dialSocket(ctx context.Context, pl *relay.Poller, from, to netip.
 	return s, nil
 }
 
-// reuseAddr lets a socket bind the client's address and port while another
-// of the proxy's sockets has them bound to a different destination (a
-// client may use one port for several); connect still refuses a four-tuple
-// in use. Best effort: without it such a bind fails and withClientPort
-// falls back to any port.
-func reuseAddr(fd int) {
-	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-}
-
 // markAndTransparent is markTransparent as a dialer's or listener's Control.
 func markAndTransparent(network, _ string, c syscall.RawConn) error {
 	var serr error
@@ -210,14 +204,10 @@ func markAndTransparent(network, _ string, c syscall.RawConn) error {
 // non-local source address (the client's IP, on the way in). Both need
 // CAP_NET_ADMIN; without it the socket is refused.
 func markTransparent(fd int, v6 bool) error {
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ProxyMark); err != nil {
+	if err := sockopt.Mark(fd, ambient.InpodMark); err != nil {
 		return fmt.Errorf("SO_MARK: %w", err)
 	}
-	level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
-	if v6 {
-		level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
-	}
-	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+	if err := sockopt.Transparent(fd, v6); err != nil {
 		return fmt.Errorf("IP_TRANSPARENT: %w", err)
 	}
 	return nil

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/hbone"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/listener"
@@ -43,13 +44,13 @@ func (p Ports) withDefaults() Ports {
 			*v = d
 		}
 	}
-	def(&p.Outbound, 15001)
-	def(&p.Inbound, 15006)
-	def(&p.HBONE, 15008)
-	def(&p.SOCKS, 15080)
-	def(&p.Admin, 15000)
-	def(&p.Metrics, 15020)
-	def(&p.Ready, 15021)
+	def(&p.Outbound, ambient.ZtunnelOutboundPort)
+	def(&p.Inbound, ambient.ZtunnelInboundPlaintextPort)
+	def(&p.HBONE, ambient.ZtunnelInboundPort)
+	def(&p.SOCKS, ambient.SOCKS5Port)
+	def(&p.Admin, ambient.AdminPort)
+	def(&p.Metrics, ambient.StatsPort)
+	def(&p.Ready, ambient.ReadinessPort)
 	return p
 }
 

@@ -34,19 +34,6 @@ func adopt(t *testing.T, p *Poller, c *net.TCPConn) *Socket {
 	return s
 }
 
-// waitFor polls cond for up to 5 s (the poller's work is asynchronous).
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !cond(); {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<20)
-			t.Logf("goroutines:\n%s", buf[:runtime.Stack(buf, true)])
-			t.Fatalf("not done in 5 s: %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // The point of the poller: idle relays hold no goroutine, every direction
 // waits in the set, and each wakes for its own data and goes back.
 func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
@@ -63,7 +50,7 @@ func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
 		pairs[i] = pair{client, server}
 		Go(adopt(t, p, a), adopt(t, p, b), func(r Result) { done <- r })
 	}
-	waitFor(t, "every direction waiting in the set", func() bool { return p.Waiting() == 2*n })
+	testutil.WaitFor(t, "every direction waiting in the set", func() bool { return p.Waiting() == 2*n })
 	if g := runtime.NumGoroutine() - before; g > 10 {
 		t.Errorf("%d idle relays hold %d goroutines", n, g)
 	}
@@ -84,7 +71,7 @@ func TestPollerIdleRelaysHoldNoGoroutine(t *testing.T) {
 			t.Fatalf("relay %d: client read %q, %v", i, buf, err)
 		}
 	}
-	waitFor(t, "every direction back in the set", func() bool { return p.Waiting() == 2*n })
+	testutil.WaitFor(t, "every direction back in the set", func() bool { return p.Waiting() == 2*n })
 	for _, pr := range pairs {
 		pr.client.CloseWrite()
 		pr.server.CloseWrite()
@@ -113,7 +100,7 @@ func TestSocketCloseEndsParkedRelay(t *testing.T) {
 	sa, sb := adopt(t, p, a), adopt(t, p, b)
 	done := make(chan Result, 2)
 	Go(sa, sb, func(r Result) { done <- r })
-	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	testutil.WaitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
 	sa.Close()
 	sb.Close()
 	select {
@@ -141,7 +128,7 @@ func TestPollerCloseEndsWaitingRelays(t *testing.T) {
 	b, _ := testutil.TCPPair(t)
 	done := make(chan Result, 1)
 	Go(adopt(t, p, a), adopt(t, p, b), func(r Result) { done <- r })
-	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	testutil.WaitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +216,7 @@ func TestPollerBusyDirectionStaysOut(t *testing.T) {
 	client, a := testutil.TCPPair(t)
 	b, server := testutil.TCPPair(t)
 	Go(adopt(t, p, a), adopt(t, p, b), func(Result) {})
-	waitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
+	testutil.WaitFor(t, "both directions waiting", func() bool { return p.Waiting() == 2 })
 	before := p.parks.Load()
 	// 600 ms of a message every 20 ms: six lingers' worth.
 	buf := make([]byte, 16)
@@ -249,7 +236,7 @@ func TestPollerBusyDirectionStaysOut(t *testing.T) {
 		t.Errorf("a busy direction parked %d times in 600 ms", during)
 	}
 	// Quiet again: back in the set after a linger.
-	waitFor(t, "the quiet direction back in the set", func() bool { return p.Waiting() == 2 })
+	testutil.WaitFor(t, "the quiet direction back in the set", func() bool { return p.Waiting() == 2 })
 }
 
 // The hot path allocates nothing per read: 200 round trips through a warm

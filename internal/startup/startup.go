@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/hbone"
@@ -75,9 +76,6 @@ type ControlPlane struct {
 	TokenFile  string
 	RootCert   string
 }
-
-// nodeProxyID is the identity a remote CA knows the node proxy by.
-var nodeProxyID = identity.ID{TrustDomain: "cluster.local", Namespace: "istio-system", ServiceAccount: "ztunnel"}
 
 // Validate reports the first thing that makes o unusable, by its flag's
 // name where it has one.
@@ -228,7 +226,7 @@ func (o *Options) open() (*mesh, error) {
 		}
 		return &mesh{
 			source:  &xds.Client{Conn: xdsConn, NodeID: o.Node + o.Workload, Log: o.Log},
-			issuer:  &caclient.Issuer{Conn: caConn, Token: token, TTL: o.CertTTL, Self: nodeProxyID},
+			issuer:  &caclient.Issuer{Conn: caConn, Token: token, TTL: o.CertTTL, Self: ambient.NodeProxyID()},
 			name:    "the control plane at " + c.XDSAddress,
 			waiting: "the control plane at " + c.XDSAddress,
 			close:   func() { xdsConn.Close(); caConn.Close() },

@@ -49,7 +49,7 @@ func TestRunFromSourceAndIssuer(t *testing.T) {
 			t.Errorf("Run after cancel: %v", err)
 		}
 	}()
-	waitFor(t, "readiness on 127.0.95.1:15021", func() bool {
+	testutil.WaitFor(t, "readiness on 127.0.95.1:15021", func() bool {
 		resp, err := http.Get("http://127.0.95.1:15021/healthz/ready")
 		if err != nil {
 			return false
@@ -62,7 +62,7 @@ func TestRunFromSourceAndIssuer(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(two), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the change in the config dump", func() bool {
+	testutil.WaitFor(t, "the change in the config dump", func() bool {
 		resp, err := http.Get("http://127.0.95.1:15000/config_dump")
 		if err != nil {
 			return false
@@ -154,16 +154,5 @@ func TestValidate(t *testing.T) {
 	}
 	if err := (&Options{Node: "n", Local: local}).Validate(); err != nil {
 		t.Errorf("a good one: %v", err)
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

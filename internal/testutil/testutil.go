@@ -1,5 +1,6 @@
 // Package testutil holds helpers that several packages' tests share: real
-// TCP servers on loopback that end with the test.
+// TCP servers on loopback that end with the test, network namespaces,
+// WaitFor, and a test CA.
 package testutil
 
 import (

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/authz"
+	"github.com/ambitmesh/ambit/internal/backoff"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -87,7 +88,7 @@ func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) err
 		c.acked = map[string]bool{}
 	}
 	c.mu.Unlock()
-	backoff := 10 * time.Millisecond
+	retry := backoff.Backoff{Min: 10 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		start := time.Now()
 		err := c.session(ctx, apply)
@@ -95,15 +96,15 @@ func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) err
 			return nil
 		}
 		if time.Since(start) > 30*time.Second {
-			backoff = 10 * time.Millisecond
+			retry.Reset()
 		}
-		c.Log.Warn("xds stream ended; reconnecting", "err", err, "retry_in", backoff)
+		wait := retry.Next()
+		c.Log.Warn("xds stream ended; reconnecting", "err", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, 15*time.Second)
 	}
 }
 

@@ -6,9 +6,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/ambitmesh/ambit/internal/config"
+	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/workload"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -61,16 +61,6 @@ func (l *latest) apply(ix *workload.Index) error {
 
 func (l *latest) get() *workload.Index { l.mu.Lock(); defer l.mu.Unlock(); return l.ix }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
-		if cond() {
-			return
-		}
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 const one = `workloads:
 - {uid: u1, name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, authorizationPolicies: [default/p]}
 services:
@@ -94,13 +84,13 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	go func() { c.Run(ctx, got.apply); close(done) }()
 	defer func() { cancel(); <-done }()
 
-	waitFor(t, "both types acked", c.Ready)
+	testutil.WaitFor(t, "both types acked", c.Ready)
 	select {
 	case <-synced:
 	default:
 		t.Fatal("both types acked, Synced not closed")
 	}
-	waitFor(t, "the initial mesh", func() bool {
+	testutil.WaitFor(t, "the initial mesh", func() bool {
 		ix := got.get()
 		return ix != nil && len(ix.Workloads()) == 1 && len(ix.Services()) == 1 && len(ix.Policies()) == 1
 	})
@@ -116,7 +106,7 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	if err := srv.SetIndex(parse(t, two)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the change", func() bool {
+	testutil.WaitFor(t, "the change", func() bool {
 		ix := got.get()
 		return len(ix.Workloads()) == 2 && len(ix.Policies()) == 0
 	})
@@ -132,7 +122,7 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	if err := srv.Publish(AddressType, bad); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the NACK", func() bool { return strings.Contains(c.LastNACK(), "evil: workload evil: address 0 is 3 bytes") })
+	testutil.WaitFor(t, "the NACK", func() bool { return strings.Contains(c.LastNACK(), "evil: workload evil: address 0 is 3 bytes") })
 	if got.get() != before {
 		t.Fatal("a NACKed push replaced the index")
 	}
@@ -142,7 +132,7 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	stop()
 	_, _, stop2 := serve(t, addr, parse(t, one))
 	defer stop2()
-	waitFor(t, "convergence after the restart", func() bool {
+	testutil.WaitFor(t, "convergence after the restart", func() bool {
 		ix := got.get()
 		return len(ix.Workloads()) == 1 && len(ix.Policies()) == 1 && ix.WorkloadByUID("u2") == nil
 	})
@@ -184,7 +174,7 @@ func TestClientAgainstAMinimalServer(t *testing.T) {
 	got := &latest{}
 	c := &Client{Conn: conn, NodeID: "n"}
 	go c.Run(ctx, got.apply)
-	waitFor(t, "the minimal server's resources", func() bool {
+	testutil.WaitFor(t, "the minimal server's resources", func() bool {
 		ix := got.get()
 		if ix == nil || !c.Ready() {
 			return false
@@ -193,5 +183,5 @@ func TestClientAgainstAMinimalServer(t *testing.T) {
 		return w != nil && w.Protocol == workload.ProtocolHBONE && len(ix.PoliciesFor(w)) == 1
 	})
 	addrs.UpdateResources(nil, []string{"u1"})
-	waitFor(t, "the removal", func() bool { return len(got.get().Workloads()) == 0 })
+	testutil.WaitFor(t, "the removal", func() bool { return len(got.get().Workloads()) == 0 })
 }

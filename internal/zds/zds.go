@@ -14,6 +14,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/backoff"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
@@ -129,7 +130,7 @@ func (c *Client) Run(ctx context.Context) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	backoff := 10 * time.Millisecond
+	retry := backoff.Backoff{Min: 10 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		start := time.Now()
 		err := c.session(ctx, log)
@@ -137,15 +138,15 @@ func (c *Client) Run(ctx context.Context) error {
 			return nil
 		}
 		if time.Since(start) > 30*time.Second {
-			backoff = 10 * time.Millisecond
+			retry.Reset()
 		}
-		log.Warn("node agent connection ended; reconnecting", "socket", c.Socket, "err", err, "retry_in", backoff)
+		wait := retry.Next()
+		log.Warn("node agent connection ended; reconnecting", "socket", c.Socket, "err", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, 15*time.Second)
 	}
 }
 

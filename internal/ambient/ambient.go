@@ -1,0 +1,41 @@
+// Package ambient holds Istio ambient's wire constants: the node proxy's
+// ports, the mark on its sockets, istiod's TLS server name and the node
+// proxy's own identity. A ztunnel or istiod on the other end expects these
+// exact values; names are Istio's (istio-cni's cni/pkg/config, ztunnel's
+// config.rs) where it has them. Values only: no I/O.
+package ambient
+
+import "github.com/ambitmesh/ambit/internal/identity"
+
+// The node proxy's ports, inside each pod's namespace in in-pod mode.
+const (
+	ZtunnelInboundPort          = 15008 // HBONE in; the only port meshed pods need between each other
+	ZtunnelOutboundPort         = 15001 // captured outbound; original destination from SO_ORIGINAL_DST
+	ZtunnelInboundPlaintextPort = 15006 // plaintext in, from clients outside the mesh
+	SOCKS5Port                  = 15080 // SOCKS5 (no auth), the way out without capture
+	AdminPort                   = 15000 // config dump, log level, pprof
+	StatsPort                   = 15020 // Prometheus: /metrics, /stats/prometheus
+	ReadinessPort               = 15021 // /healthz/ready
+)
+
+// InpodMark (1337) is SO_MARK on every socket the node proxy opens in a
+// pod's namespace; capture's rules let packets so marked pass.
+const InpodMark = 0x539
+
+// IstiodServerName is the DNS SAN of istiod's serving certificate: the TLS
+// server name when the control plane is dialled by IP.
+const IstiodServerName = "istiod.istio-system.svc"
+
+// The node proxy's own identity, istio-system/ztunnel: the account Istio's
+// charts make istiod trust as a node proxy (CA_TRUSTED_NODE_ACCOUNTS).
+const (
+	DefaultTrustDomain      = "cluster.local"
+	NodeProxyNamespace      = "istio-system"
+	NodeProxyServiceAccount = "ztunnel"
+)
+
+// NodeProxyID is the node proxy's SPIFFE ID in the default trust domain. A
+// function, not a variable, so no caller can change it for the others.
+func NodeProxyID() identity.ID {
+	return identity.ID{TrustDomain: DefaultTrustDomain, Namespace: NodeProxyNamespace, ServiceAccount: NodeProxyServiceAccount}
+}
