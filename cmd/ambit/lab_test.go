@@ -27,7 +27,7 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Setenv("AMBIT_TEST_AS_MAIN", "1") // for the processes the lab starts
-	os.Exit(m.Run())
+	testutil.VerifyNoLeaks(m)            // and no goroutine may outlive the tests
 }
 
 // get sends the seed's request from inside a pod and returns the answer.
