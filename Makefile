@@ -29,6 +29,7 @@ FUZZ_TARGETS := \
 	./internal/xds:FuzzDeltaMessages
 
 FORTIO_VERSION ?= v1.68.2
+STATICCHECK_VERSION ?= v0.8.2
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 
 .PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean
@@ -89,6 +90,9 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	@$(GOBIN)/staticcheck -version 2>/dev/null | grep -qF '($(STATICCHECK_VERSION:v%=%))' || \
+		{ echo "installing staticcheck $(STATICCHECK_VERSION)"; $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
+	$(GOBIN)/staticcheck ./...
 
 # openssl is used by a test that loads a CA made by another tool.
 deps:

@@ -83,7 +83,7 @@ func TestCAIssuesWhatACallerMayHold(t *testing.T) {
 		if err != nil {
 			t.Fatalf("node-a asking for %s: %v", id, err)
 		}
-		if c.ID != id || len(c.Roots) != 1 || c.NotAfter().Sub(time.Now()) > time.Hour+time.Minute {
+		if c.ID != id || len(c.Roots) != 1 || time.Until(c.NotAfter()) > time.Hour+time.Minute {
 			t.Errorf("certificate for %s: %+v", id, c.Leaf().URIs)
 		}
 	}

@@ -159,16 +159,21 @@ func TestRefusesPlaintextHTTP2(t *testing.T) {
 
 func isReset(err error) bool { return strings.Contains(err.Error(), "connection reset") }
 
-// h2Client is x/net's own HTTP/2 client with a mesh certificate: a foreign
+// h2Client is net/http's HTTP/2 client (x/net's, bundled) with a mesh certificate: a foreign
 // peer that can send requests our Dialer never would.
 // Every request goes to srv, whatever its URL or authority says.
 func h2Client(t *testing.T, ca *identity.CA, srv netip.AddrPort) *http.Client {
 	cert := issue(t, ca, clientID)
-	tr := &http2.Transport{
-		TLSClientConfig: clientTLS(cert, []identity.ID{serverID}),
-		DialTLSContext: func(ctx context.Context, _, _ string, cfg *tls.Config) (net.Conn, error) {
+	cfg := clientTLS(cert, []identity.ID{serverID})
+	var h2only http.Protocols
+	h2only.SetHTTP2(true)
+	tr := &http.Transport{
+		TLSClientConfig: cfg,
+		DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", srv.String())
 		},
+		ForceAttemptHTTP2: true,
+		Protocols:         &h2only,
 	}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr, Timeout: 10 * time.Second}

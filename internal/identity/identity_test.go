@@ -163,7 +163,7 @@ func TestDefaultTTLIs24h(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	life := chain[0].NotAfter.Sub(time.Now())
+	life := time.Until(chain[0].NotAfter)
 	if life < 24*time.Hour-time.Minute || life > 24*time.Hour+time.Minute {
 		t.Errorf("default lifetime %v, want 24h", life)
 	}

@@ -105,9 +105,10 @@ func TestBusyProcessIsNotTrimmed(t *testing.T) {
 // quarter of what it is given at random.)
 func TestFreeAllEmptiesPools(t *testing.T) {
 	var p sync.Pool
-	p.Put(make([]byte, 32<<10))
+	buf := make([]byte, 32<<10)
+	p.Put(&buf)
 	FreeAll()
 	if b := p.Get(); b != nil {
-		t.Errorf("a pooled %d-byte buffer survived FreeAll", len(b.([]byte)))
+		t.Errorf("a pooled %d-byte buffer survived FreeAll", len(*b.(*[]byte)))
 	}
 }

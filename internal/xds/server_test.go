@@ -101,8 +101,6 @@ func names(r *discoverygrpc.DeltaDiscoveryResponse) []string {
 	return ns
 }
 
-func sorted(s []string) []string { s = slices.Clone(s); slices.Sort(s); return s }
-
 func wl(uid, ip string) proto.Message {
 	return &wapi.Address{Type: &wapi.Address_Workload{Workload: &wapi.Workload{Uid: uid, Name: uid, Namespace: "ns",
 		Addresses: [][]byte{[]byte(ip)}}}}
