@@ -19,6 +19,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -377,84 +378,90 @@ func (f *flakyIssuer) times() []time.Time {
 }
 
 func TestManagerRenewsAtHalfLife(t *testing.T) {
-	ca, _ := newTestCA(t)
-	// X.509 times have one-second resolution: a 3 s TTL leaves 2-3 s.
-	iss := &flakyIssuer{inner: &LocalIssuer{CA: ca, TTL: 3 * time.Second}}
-	m := NewManager(iss, nil)
-	type receipt struct {
-		at   time.Time
-		cert *Certificate
-	}
-	got := make(chan receipt, 16)
-	m.OnRenew = func(c *Certificate) { got <- receipt{time.Now(), c} }
-	defer m.Close()
-	id := ID{"cluster.local", "default", "client"}
-	if _, err := m.Get(context.Background(), id); err != nil {
-		t.Fatal(err)
-	}
-	first := <-got
-	var second receipt
-	select {
-	case second = <-got:
-	case <-time.After(5 * time.Second):
-		t.Fatal("no renewal within 5 s of a 3 s certificate")
-	}
-	// The renewal request went out at half the life left at receipt.
-	calls := iss.times()
-	want := first.at.Add(first.cert.NotAfter().Sub(first.at) / 2)
-	if d := calls[1].Sub(want); d < -5*time.Millisecond || d > 150*time.Millisecond {
-		t.Errorf("renewal requested %v after the half-life point", d)
-	}
-	if second.cert.Leaf().SerialNumber.Cmp(first.cert.Leaf().SerialNumber) == 0 || m.Current(id) != second.cert {
-		t.Error("current certificate is not the renewed one")
-	}
-	if !second.at.Before(first.cert.NotAfter()) {
-		t.Error("renewed only after the old certificate expired")
-	}
+	// In a synctest bubble: the clock is fake and timers fire exactly when due, so the gaps checked below do not depend on how busy the machine is.
+	synctest.Test(t, func(t *testing.T) {
+		ca, _ := newTestCA(t)
+		// X.509 times have one-second resolution: a 3 s TTL leaves 2-3 s.
+		iss := &flakyIssuer{inner: &LocalIssuer{CA: ca, TTL: 3 * time.Second}}
+		m := NewManager(iss, nil)
+		type receipt struct {
+			at   time.Time
+			cert *Certificate
+		}
+		got := make(chan receipt, 16)
+		m.OnRenew = func(c *Certificate) { got <- receipt{time.Now(), c} }
+		defer m.Close()
+		id := ID{"cluster.local", "default", "client"}
+		if _, err := m.Get(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+		first := <-got
+		var second receipt
+		select {
+		case second = <-got:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no renewal within 5 s of a 3 s certificate")
+		}
+		// The renewal request went out at half the life left at receipt.
+		calls := iss.times()
+		want := first.at.Add(first.cert.NotAfter().Sub(first.at) / 2)
+		if d := calls[1].Sub(want); d < -5*time.Millisecond || d > 150*time.Millisecond {
+			t.Errorf("renewal requested %v after the half-life point", d)
+		}
+		if second.cert.Leaf().SerialNumber.Cmp(first.cert.Leaf().SerialNumber) == 0 || m.Current(id) != second.cert {
+			t.Error("current certificate is not the renewed one")
+		}
+		if !second.at.Before(first.cert.NotAfter()) {
+			t.Error("renewed only after the old certificate expired")
+		}
+	})
 }
 
 func TestManagerBackoffKeepsValidCertificate(t *testing.T) {
-	ca, _ := newTestCA(t)
-	iss := &flakyIssuer{inner: &LocalIssuer{CA: ca, TTL: 2 * time.Second}}
-	m := NewManager(iss, nil)
-	const initial, maxB = 50 * time.Millisecond, 200 * time.Millisecond
-	m.InitialBackoff, m.MaxBackoff = initial, maxB
-	defer m.Close()
-	id := ID{"cluster.local", "default", "client"}
-	good, err := m.Get(context.Background(), id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	iss.fail.Store(true)
-	start := len(iss.times())
-	time.Sleep(2200 * time.Millisecond) // renewal at ~1 s fails; retries back off past expiry
-	if m.Current(id) != good {
-		t.Fatal("a failed renewal dropped the held certificate")
-	}
-	calls := iss.times()[start:]
-	var gaps []time.Duration
-	for i := 1; i < len(calls); i++ {
-		gaps = append(gaps, calls[i].Sub(calls[i-1]))
-	}
-	if len(gaps) < 4 {
-		t.Fatalf("only %d retries in 1.2 s of failure", len(gaps))
-	}
-	// 50, 100, 200, 200, ...: timers never fire early; allow lateness for a loaded machine.
-	want := initial
-	for i, g := range gaps {
-		if g < want || g > want+150*time.Millisecond {
-			t.Errorf("retry gap %d = %v, want %v (all gaps %v)", i, g, want, gaps)
+	// In a synctest bubble: the clock is fake and timers fire exactly when due, so the gaps checked below do not depend on how busy the machine is.
+	synctest.Test(t, func(t *testing.T) {
+		ca, _ := newTestCA(t)
+		iss := &flakyIssuer{inner: &LocalIssuer{CA: ca, TTL: 2 * time.Second}}
+		m := NewManager(iss, nil)
+		const initial, maxB = 50 * time.Millisecond, 200 * time.Millisecond
+		m.InitialBackoff, m.MaxBackoff = initial, maxB
+		defer m.Close()
+		id := ID{"cluster.local", "default", "client"}
+		good, err := m.Get(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
 		}
-		want = min(want*2, maxB)
-	}
-	iss.fail.Store(false)
-	deadline := time.Now().Add(2 * time.Second)
-	for m.Current(id) == good && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if m.Current(id) == good {
-		t.Fatal("no new certificate after the issuer recovered")
-	}
+		iss.fail.Store(true)
+		start := len(iss.times())
+		time.Sleep(2200 * time.Millisecond) // renewal at ~1 s fails; retries back off past expiry
+		if m.Current(id) != good {
+			t.Fatal("a failed renewal dropped the held certificate")
+		}
+		calls := iss.times()[start:]
+		var gaps []time.Duration
+		for i := 1; i < len(calls); i++ {
+			gaps = append(gaps, calls[i].Sub(calls[i-1]))
+		}
+		if len(gaps) < 4 {
+			t.Fatalf("only %d retries in 1.2 s of failure", len(gaps))
+		}
+		// 50, 100, 200, 200, ...: timers never fire early; allow lateness for a loaded machine.
+		want := initial
+		for i, g := range gaps {
+			if g < want || g > want+150*time.Millisecond {
+				t.Errorf("retry gap %d = %v, want %v (all gaps %v)", i, g, want, gaps)
+			}
+			want = min(want*2, maxB)
+		}
+		iss.fail.Store(false)
+		deadline := time.Now().Add(2 * time.Second)
+		for m.Current(id) == good && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if m.Current(id) == good {
+			t.Fatal("no new certificate after the issuer recovered")
+		}
+	})
 }
 
 func TestManagerGetWaitsAndReportsFailure(t *testing.T) {
