@@ -3,6 +3,9 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -183,6 +186,52 @@ func TestReadmeMapNamesEveryPackage(t *testing.T) {
 	for name := range rows {
 		if _, ok := allowed[name]; !ok {
 			t.Errorf("README.md's map has a row for %s, which the dependency map does not know", name)
+		}
+	}
+}
+
+// Files that fit their jobs, and a cmd that is flags → options: no non-test
+// file in internal/ over 600 lines, no function of cmd/ambit over 60.
+func TestFilesAndFunctionsFitTheirJobs(t *testing.T) {
+	const maxFileLines, maxCmdFuncLines = 600, 60
+	err := filepath.WalkDir("../../internal", func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return err
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if n := strings.Count(string(data), "\n"); n > maxFileLines {
+			t.Errorf("%s: %d lines, over %d: split it by concern", strings.TrimPrefix(path, "../../"), n, maxFileLines)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	files, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range files {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, decl := range f.Decls {
+			fn, ok := decl.(*ast.FuncDecl)
+			if !ok || fn.Body == nil {
+				continue
+			}
+			lines := fset.Position(fn.End()).Line - fset.Position(fn.Pos()).Line + 1
+			if lines > maxCmdFuncLines {
+				t.Errorf("cmd/ambit/%s: %s is %d lines, over %d: move the work into a package", name, fn.Name.Name, lines, maxCmdFuncLines)
+			}
 		}
 	}
 }
