@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -273,29 +274,59 @@ func (e *env) startServers() error {
 	return nil
 }
 
+// waitListen waits until a socket listens on addr's port in the namespace.
+// It looks in /proc (the thread's namespace) instead of connecting: a
+// probe connection is a client to an iperf3 server, which fails that
+// "test", resets, and took the next real client's connection down with it
+// (the first direct throughput run then failed in about one bench of three).
 func waitListen(nsName, addr string, within time.Duration) error {
 	h, err := netns.GetFromName(nsName)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return err
+	}
 	deadline := time.Now().Add(within)
 	for {
-		err := nsutil.Do(h, func() error {
-			c, err := net.DialTimeout("tcp", addr, time.Second)
-			if err == nil {
-				c.Close()
-			}
+		var ok bool
+		err := nsutil.Do(h, func() (err error) {
+			ok, err = listening(ap.Port())
 			return err
 		})
-		if err == nil {
+		if err != nil {
+			return err
+		}
+		if ok {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("not listening: %w", err)
+			return fmt.Errorf("not listening on port %d after %v", ap.Port(), within)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// listening reports whether a TCP socket of the calling thread's network
+// namespace listens on port (any address, IPv4 or IPv6).
+func listening(port uint16) (bool, error) {
+	want := fmt.Sprintf(":%04X", port)
+	for _, f := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return false, err
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			fields := strings.Fields(line)
+			// sl local_address rem_address st ...; st 0A is LISTEN.
+			if len(fields) > 3 && strings.HasSuffix(fields[1], want) && fields[3] == "0A" {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
 }
 
 // setMesh enrolls both pods (on) or takes them out of the mesh (off).
