@@ -51,8 +51,10 @@ type held struct {
 func (c *Client) Ready() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.acked[AddressType] && c.acked[AuthorizationType]
+	return c.bothAckedLocked()
 }
+
+func (c *Client) bothAckedLocked() bool { return c.acked[AddressType] && c.acked[AuthorizationType] }
 
 // Synced is closed once both types were ACKed at least once: the view
 // applied last is complete.
@@ -210,11 +212,10 @@ func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) 
 	}
 	c.mu.Lock()
 	c.state = next
+	was := c.bothAckedLocked()
 	c.acked[typ] = true
-	if c.acked[AddressType] && c.acked[AuthorizationType] {
-		if s := c.syncedLocked(); !isClosed(s) {
-			close(s)
-		}
+	if !was && c.bothAckedLocked() {
+		close(c.syncedLocked()) // once: acked types stay acked
 	}
 	c.mu.Unlock()
 	return nil
@@ -252,13 +253,4 @@ func build(st map[string]map[string]held) (*workload.Index, error) {
 	slices.SortFunc(ss, func(a, b *workload.Service) int { return strings.Compare(a.Key().String(), b.Key().String()) })
 	slices.SortFunc(ps, func(a, b *authz.Policy) int { return strings.Compare(a.Key(), b.Key()) })
 	return workload.NewIndex(ws, ss, ps, workload.AllowDangling())
-}
-
-func isClosed(ch chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
 }
