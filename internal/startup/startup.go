@@ -159,8 +159,8 @@ func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, c
 	if wait <= 0 {
 		wait = DefaultSyncTimeout
 	}
-	if m.waiting != "" {
-		o.Log.Info("waiting for the first complete configuration", "from", m.waiting)
+	if m.remote {
+		o.Log.Info("waiting for the first complete configuration", "from", m.name)
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
@@ -191,11 +191,11 @@ func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, c
 
 // mesh is an opened source of config and of certificates.
 type mesh struct {
-	source  workload.Source
-	issuer  identity.Issuer
-	name    string // for errors: "the control plane at ...", the file
-	waiting string // logged while waiting for the first view, if it may take a while
-	close   func()
+	source workload.Source
+	issuer identity.Issuer
+	name   string // for errors: "the control plane at ...", the file
+	remote bool   // the first view may take a while: say that it is awaited
+	close  func()
 }
 
 // open makes the source and the issuer o names: the certificate-source seam.
@@ -225,11 +225,11 @@ func (o *Options) open() (*mesh, error) {
 			return nil, err
 		}
 		return &mesh{
-			source:  &xds.Client{Conn: xdsConn, NodeID: o.Node + o.Workload, Log: o.Log},
-			issuer:  &caclient.Issuer{Conn: caConn, Token: token, TTL: o.CertTTL, Self: ambient.NodeProxyID()},
-			name:    "the control plane at " + c.XDSAddress,
-			waiting: "the control plane at " + c.XDSAddress,
-			close:   func() { xdsConn.Close(); caConn.Close() },
+			source: &xds.Client{Conn: xdsConn, NodeID: o.Node + o.Workload, Log: o.Log},
+			issuer: &caclient.Issuer{Conn: caConn, Token: token, TTL: o.CertTTL, Self: ambient.NodeProxyID()},
+			name:   "the control plane at " + c.XDSAddress,
+			remote: true,
+			close:  func() { xdsConn.Close(); caConn.Close() },
 		}, nil
 	default:
 		return &mesh{source: o.Source, issuer: o.Issuer, name: "its source", close: func() {}}, nil
