@@ -26,7 +26,8 @@ FUZZ_TARGETS := \
 	./internal/config:FuzzParse \
 	./internal/socks5:FuzzHandshake \
 	./internal/trace:FuzzDecodeTCP \
-	./internal/xds:FuzzDeltaMessages
+	./internal/xds:FuzzDeltaMessages \
+	./internal/kubesource:FuzzTranslate
 
 FORTIO_VERSION ?= v1.68.2
 STATICCHECK_VERSION ?= v0.8.2
@@ -51,8 +52,8 @@ demo: build  ## the seed's request in a lab, hop by hop (root)
 # integration tests under the race detector.
 test: deps lint fuzz-smoke bench-smoke unit
 
-unit:
-	$(GO) test -race -count=1 ./...
+unit: k8s-bins
+	K8S_BIN=$(K8S_BIN) $(GO) test -race -count=1 ./...
 
 fuzz-smoke:
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZSMOKE) FUZZMINTIME=200x
@@ -66,8 +67,8 @@ fuzz:
 
 # One pass of every Go benchmark, then (as root, as in CI) the lab suite's
 # quick run: seconds per scenario, so neither rots.
-bench-smoke: build
-	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
+bench-smoke: build k8s-bins
+	K8S_BIN=$(K8S_BIN) $(GO) test -run '^$$' -bench . -benchtime 1x ./...
 	@if [ "$$(id -u)" = 0 ]; then \
 		$(MAKE) --no-print-directory bench-tools && \
 		PATH="$(GOBIN):$$PATH" ./bin/ambit bench --quick --lab-name benchsmoke; \
@@ -108,8 +109,9 @@ deps:
 			echo "note: openssl is missing and cannot be installed here (not root); its test will say SKIP"; \
 		fi; }
 
-# etcd and kube-apiserver from the Go module proxy into $(K8S_BIN), once
-# (the Kubernetes issue's API-server tests; not yet part of `make test`).
+# etcd and kube-apiserver from the Go module proxy into $(K8S_BIN), once:
+# the control plane's Kubernetes tests run against them (about 5 minutes
+# cold on two cores, then cached).
 k8s-bins:
 	GO=$(GO) scripts/k8s-bins.sh $(K8S_VERSION) $(ETCD_VERSION) $(K8S_BIN)
 

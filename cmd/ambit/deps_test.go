@@ -34,6 +34,9 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/listener": {internal: []string{"backoff"}},
 	"internal/nsutil":   {internal: []string{"sockopt"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix"}},
 	"internal/ambient":  {internal: []string{"identity"}},
+	// The Kubernetes API, read by hand: client-go costs every process of
+	// the binary (the node proxy too) 5 MB of RSS (docs/kubernetes-linking.md).
+	"internal/kube": {internal: []string{"backoff"}, external: []string{"go.yaml.in/yaml/v3"}},
 	// HBONE knows TLS, HTTP/2 and identities, not the mesh.
 	"internal/hbone": {internal: []string{"identity", "listener", "relay"},
 		external: []string{"golang.org/x/net/http2", "golang.org/x/sys/unix"}},
@@ -53,16 +56,22 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/nodeagent": {internal: []string{"capture", "listener", "zds"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix", "istio.io/istio/pkg/zdsapi"}},
 	"internal/control": {internal: []string{"ambient", "identity", "workload", "xds"},
 		external: []string{"golang.org/x/sync/errgroup", "google.golang.org/grpc", "istio.io/api/security"}},
+	// The control plane's Kubernetes source and TokenReview authenticator.
+	"internal/kubesource": {internal: []string{"authz", "control", "kube", "workload"},
+		external: []string{"github.com/prometheus/client_golang", "golang.org/x/sync/errgroup"}},
 	// Start-up: the one place that joins a source, an issuer and a proxy.
 	"internal/startup": {internal: []string{"ambient", "caclient", "config", "hbone", "identity", "memtrim", "proxy", "telemetry", "workload", "xds", "zds"},
 		external: []string{"golang.org/x/sync/errgroup", "google.golang.org/grpc"}},
 	// Tools over the lab.
-	"internal/lab":      {internal: []string{"ambient", "capture", "config", "identity", "nodeagent", "nsutil"}, external: []string{"github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.yaml.in/yaml/v3"}},
-	"internal/trace":    {internal: []string{"nsutil"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix"}},
-	"internal/bench":    {internal: []string{"ambient", "identity", "lab", "nsutil"}, external: []string{"github.com/vishvananda/netns"}},
-	"internal/demo":     {internal: []string{"ambient", "capture", "hbone", "identity", "lab", "nsutil", "relay", "trace"}, external: []string{"github.com/vishvananda/netns"}},
+	"internal/lab":   {internal: []string{"ambient", "capture", "config", "identity", "nodeagent", "nsutil"}, external: []string{"github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.yaml.in/yaml/v3"}},
+	"internal/trace": {internal: []string{"nsutil"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix"}},
+	"internal/bench": {internal: []string{"ambient", "identity", "lab", "nsutil"}, external: []string{"github.com/vishvananda/netns"}},
+	"internal/demo":  {internal: []string{"ambient", "capture", "hbone", "identity", "lab", "nsutil", "relay", "trace"}, external: []string{"github.com/vishvananda/netns"}},
+	// A real etcd and kube-apiserver for tests, with client-go's clients
+	// as the reference writer: linked by tests only.
+	"internal/kubetest": {external: []string{"istio.io/client-go", "k8s.io/", "sigs.k8s.io/yaml"}},
 	"internal/testutil": {internal: []string{"identity", "nsutil"}, external: []string{"github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.uber.org/goleak"}},
-	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "lab", "nodeagent", "nsutil", "startup", "telemetry", "zds"},
+	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "kube", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "workload", "zds"},
 		external: []string{"github.com/spf13/cobra"}},
 }
 

@@ -104,3 +104,29 @@ func TestProxyRefusesBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestControlFlagErrors: each wrong combination of the control plane's
+// sources is refused with a message that names the flags.
+func TestControlFlagErrors(t *testing.T) {
+	ca := filepath.Join(t.TempDir(), "ca")
+	if _, err := run(t, "ca", "init", "--dir", ca); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"control"}, "--ca-dir is required"},
+		{[]string{"control", "--ca-dir", ca, "--config", "m.yaml", "--kubeconfig", "k"}, "--config and --kubeconfig are two sources of the mesh"},
+		{[]string{"control", "--ca-dir", ca, "--config", "m.yaml"}, "--config needs --tokens"},
+		{[]string{"control", "--ca-dir", ca, "--tokens", "t"}, "--tokens is for --config"},
+		{[]string{"control", "--ca-dir", ca, "--trusted-node-accounts", "ambit-node"}, `--trusted-node-accounts: "ambit-node": want namespace/serviceaccount`},
+		{[]string{"control", "--ca-dir", ca}, "no --config or --kubeconfig, and not in a pod"},
+		{[]string{"control", "--ca-dir", ca, "--kubeconfig", filepath.Join(t.TempDir(), "absent")}, "absent"},
+	} {
+		if _, err := run(t, c.args...); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("ambit %s: %v; want %q", strings.Join(c.args, " "), err, c.want)
+		}
+	}
+}

@@ -1,24 +1,22 @@
 // Package control is Ambit's control plane: the services istiod offers
 // ambient node proxies, beginning with the CA (istio.v1.auth
-// IstioCertificateService), with callers authenticated by bearer tokens
-// that each speak for one node.
+// IstioCertificateService), and delta xDS, with callers authenticated by
+// bearer tokens that each speak for one node (an Authenticator: the lab's
+// tokens file, or Kubernetes' TokenReview).
 package control
 
 import (
 	"context"
-	"crypto/subtle"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 )
@@ -32,8 +30,8 @@ const ImpersonatedIdentity = "ImpersonatedIdentity"
 type CAServer struct {
 	pb.UnimplementedIstioCertificateServiceServer
 
-	CA     *identity.CA
-	Tokens Tokens
+	CA   *identity.CA
+	Auth Authenticator
 	// Index returns the mesh as now known, to find each node's workloads.
 	Index func() *workload.Index
 	Log   *slog.Logger // nil: discard
@@ -48,28 +46,9 @@ func (s *CAServer) log() *slog.Logger {
 	return s.Log
 }
 
-// node authenticates the caller by its bearer token.
-func (s *CAServer) node(ctx context.Context) (string, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	auth := md.Get("authorization")
-	if len(auth) != 1 {
-		return "", status.Error(codes.Unauthenticated, "no authorization: Bearer token")
-	}
-	tok, ok := strings.CutPrefix(auth[0], "Bearer ")
-	if !ok {
-		return "", status.Error(codes.Unauthenticated, "authorization is not a Bearer token")
-	}
-	for known, node := range s.Tokens {
-		if subtle.ConstantTimeCompare([]byte(known), []byte(tok)) == 1 {
-			return node, nil
-		}
-	}
-	return "", status.Error(codes.Unauthenticated, "unknown token")
-}
-
 // CreateCertificate signs the CSR if the caller may hold its identity.
 func (s *CAServer) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
-	node, err := s.node(ctx)
+	caller, err := authenticate(ctx, s.Auth)
 	if err != nil {
 		s.log().Warn("certificate request refused", "err", err)
 		return nil, err
@@ -92,7 +71,8 @@ func (s *CAServer) CreateCertificate(ctx context.Context, req *pb.IstioCertifica
 	if imp := req.GetMetadata().GetFields()[ImpersonatedIdentity].GetStringValue(); imp != "" && imp != id.String() {
 		return nil, status.Errorf(codes.InvalidArgument, "csr is for %s but %s asks for %s", id, ImpersonatedIdentity, imp)
 	}
-	if !s.mayHold(node, id) {
+	node := caller.Node
+	if !s.mayHold(caller, id) {
 		s.log().Warn("certificate request refused", "node", node, "identity", id.String())
 		return nil, status.Errorf(codes.PermissionDenied, "node %s may not hold %s (no workload of that identity on it)", node, id)
 	}
@@ -118,13 +98,18 @@ func (s *CAServer) CreateCertificate(ctx context.Context, req *pb.IstioCertifica
 	return resp, nil
 }
 
-// mayHold: the proxies' own identity, or a workload's on the caller's node.
-func (s *CAServer) mayHold(node string, id identity.ID) bool {
+// mayHold: the node proxy's own identity (ztunnel's, or the caller's own
+// account), or a workload's on the caller's node.
+func (s *CAServer) mayHold(c Caller, id identity.ID) bool {
 	var local []*workload.Workload
 	if s.Index != nil {
-		local = s.Index().WorkloadsOnNode(node)
+		local = s.Index().WorkloadsOnNode(c.Node)
 	}
-	if id.Namespace == ambient.NodeProxyNamespace && id.ServiceAccount == ambient.NodeProxyServiceAccount {
+	own := id.Namespace == ambient.NodeProxyNamespace && id.ServiceAccount == ambient.NodeProxyServiceAccount
+	if c.Namespace != "" && id.Namespace == c.Namespace && id.ServiceAccount == c.ServiceAccount {
+		own = true
+	}
+	if own {
 		// The proxy's own identity, in a trust domain the node serves
 		// (cluster.local when it serves none yet).
 		if len(local) == 0 {
@@ -146,4 +131,4 @@ func (s *CAServer) mayHold(node string, id identity.ID) bool {
 }
 
 // String names the service for logs.
-func (s *CAServer) String() string { return fmt.Sprintf("CA (%d tokens)", len(s.Tokens)) }
+func (s *CAServer) String() string { return fmt.Sprintf("CA (%v)", s.Auth) }

@@ -56,7 +56,7 @@ func startCA(t *testing.T) (string, string) {
 	}
 	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})))
 	pb.RegisterIstioCertificateServiceServer(srv, &CAServer{
-		CA: ca, Tokens: Tokens{tokA: "node-a", tokB: "node-b"}, Index: func() *workload.Index { return ix },
+		CA: ca, Auth: Tokens{tokA: "node-a", tokB: "node-b"}, Index: func() *workload.Index { return ix },
 	})
 	go srv.Serve(l)
 	t.Cleanup(srv.Stop)

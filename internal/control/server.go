@@ -21,11 +21,12 @@ import (
 
 // Server is the control plane: one gRPC server over TLS with the CA and
 // delta ADS, every call authenticated by a node's bearer token. Its view of
-// the mesh comes from SetIndex (a Source feeds it: the local file now).
+// the mesh comes from SetIndex (a Source feeds it: the local file or the
+// Kubernetes API server).
 type Server struct {
-	CA     *identity.CA
-	Tokens Tokens
-	Log    *slog.Logger
+	CA   *identity.CA
+	Auth Authenticator
+	Log  *slog.Logger
 
 	index atomic.Pointer[workload.Index]
 	xds   *xds.Server
@@ -35,17 +36,17 @@ type Server struct {
 
 // NewServer builds the control plane for listen address ip (put in its
 // certificate) over an initial index.
-func NewServer(ctx context.Context, ca *identity.CA, tokens Tokens, ip netip.Addr, ix *workload.Index, log *slog.Logger) (*Server, error) {
+func NewServer(ctx context.Context, ca *identity.CA, auth Authenticator, ip netip.Addr, ix *workload.Index, log *slog.Logger) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{CA: ca, Tokens: tokens, Log: log}
+	s := &Server{CA: ca, Auth: auth, Log: log}
 	s.index.Store(ix)
 	cert, err := ca.IssueServing([]string{ambient.IstiodServerName}, []net.IP{net.IP(ip.AsSlice())}, 365*24*time.Hour)
 	if err != nil {
 		return nil, err
 	}
-	s.ca = &CAServer{CA: ca, Tokens: tokens, Index: s.index.Load, Log: log}
+	s.ca = &CAServer{CA: ca, Auth: auth, Index: s.index.Load, Log: log}
 	s.xds = xds.NewServer(ctx, log)
 	if err := s.xds.SetIndex(ix); err != nil {
 		return nil, err
@@ -53,12 +54,12 @@ func NewServer(ctx context.Context, ca *identity.CA, tokens Tokens, ip netip.Add
 	s.grpc = grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})),
 		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			node, err := s.ca.node(ss.Context())
+			caller, err := authenticate(ss.Context(), auth)
 			if err != nil {
 				log.Warn("xds stream refused", "err", err)
 				return err
 			}
-			log.Info("xds stream opened", "node", node)
+			log.Info("xds stream opened", "node", caller.Node)
 			return h(srv, ss)
 		}),
 	)

@@ -18,9 +18,9 @@ import (
 const SyncTimeout = 30 * time.Second
 
 // Run serves the control plane on listen until ctx ends: the first complete
-// view from src (a watched file now, Kubernetes next), then every change it
+// view from src (a watched file, the Kubernetes API server), then every change it
 // reports. A change the server cannot publish is the source's to report.
-func Run(ctx context.Context, src workload.Source, ca *identity.CA, tokens Tokens, listen netip.AddrPort, log *slog.Logger) error {
+func Run(ctx context.Context, src workload.Source, ca *identity.CA, auth Authenticator, listen netip.AddrPort, log *slog.Logger) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -36,7 +36,7 @@ func Run(ctx context.Context, src workload.Source, ca *identity.CA, tokens Token
 			return fmt.Errorf("control: no complete view of the mesh from its source within %v", SyncTimeout)
 		}
 		ix := views.Latest()
-		srv, err := NewServer(gctx, ca, tokens, listen.Addr(), ix, log)
+		srv, err := NewServer(gctx, ca, auth, listen.Addr(), ix, log)
 		if err != nil {
 			return err
 		}
@@ -56,7 +56,7 @@ func Run(ctx context.Context, src workload.Source, ca *identity.CA, tokens Token
 			case <-stopped:
 			}
 		}()
-		log.Info("control plane serving", "addr", l.Addr().String(), "nodes", len(tokens))
+		log.Info("control plane serving", "addr", l.Addr().String(), "auth", fmt.Sprint(auth))
 		if err := srv.Serve(l); err != nil && gctx.Err() == nil {
 			return err
 		}

@@ -5,9 +5,11 @@
 package xds
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/ambitmesh/ambit/internal/authz"
@@ -58,9 +60,7 @@ func WorkloadToProto(w *workload.Workload) *wapi.Address {
 		p.Services = map[string]*wapi.PortList{}
 		for key, ports := range w.Services {
 			pl := &wapi.PortList{}
-			for sp, tp := range ports {
-				pl.Ports = append(pl.Ports, &wapi.Port{ServicePort: uint32(sp), TargetPort: uint32(tp)})
-			}
+			pl.Ports = portsToProto(ports)
 			p.Services[key.String()] = pl
 		}
 	}
@@ -140,9 +140,7 @@ func ServiceToProto(s *workload.Service) *wapi.Address {
 	for _, v := range s.VIPs {
 		p.Addresses = append(p.Addresses, &wapi.NetworkAddress{Network: v.Network, Address: v.IP.AsSlice()})
 	}
-	for sp, tp := range s.Ports {
-		p.Ports = append(p.Ports, &wapi.Port{ServicePort: uint32(sp), TargetPort: uint32(tp)})
-	}
+	p.Ports = portsToProto(s.Ports)
 	if lb := s.LoadBalancer; lb != nil {
 		p.LoadBalancing = &wapi.LoadBalancing{}
 		for _, r := range lb.RoutingPreferences {
@@ -159,6 +157,18 @@ func ServiceToProto(s *workload.Service) *wapi.Address {
 		}
 	}
 	return &wapi.Address{Type: &wapi.Address_Service{Service: p}}
+}
+
+// portsToProto lists ports in service-port order: the same map encodes to
+// the same bytes, so its digest (the resource's version) changes only when
+// it does, and a push carries only what changed.
+func portsToProto(ports map[uint16]uint16) []*wapi.Port {
+	out := make([]*wapi.Port, 0, len(ports))
+	for sp, tp := range ports {
+		out = append(out, &wapi.Port{ServicePort: uint32(sp), TargetPort: uint32(tp)})
+	}
+	slices.SortFunc(out, func(a, b *wapi.Port) int { return cmp.Compare(a.ServicePort, b.ServicePort) })
+	return out
 }
 
 // ServiceFromProto reads a Service resource.
