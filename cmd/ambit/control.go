@@ -16,7 +16,6 @@ import (
 	"github.com/ambitmesh/ambit/internal/identity"
 	"github.com/ambitmesh/ambit/internal/kube"
 	"github.com/ambitmesh/ambit/internal/kubesource"
-	"github.com/ambitmesh/ambit/internal/workload"
 	"github.com/spf13/cobra"
 )
 
@@ -118,7 +117,7 @@ func runControlKube(ctx context.Context, kubeconfig, trusted, monitoring string,
 		defer stop()
 	}
 	log.Info("mesh from the Kubernetes API server", "server", kc.Server, "cluster", src.ClusterID, "rootNamespace", src.RootNamespace)
-	return control.Run(ctx, workload.Source(src), ca, auth, ap, log)
+	return control.Run(ctx, src, ca, auth, ap, log)
 }
 
 // serveMetrics serves h at /metrics on addr until stop (or ctx's end).

@@ -71,7 +71,7 @@ var allowed = map[string]struct{ internal, external []string }{
 	// as the reference writer: linked by tests only.
 	"internal/kubetest": {external: []string{"istio.io/client-go", "k8s.io/", "sigs.k8s.io/yaml"}},
 	"internal/testutil": {internal: []string{"identity", "nsutil"}, external: []string{"github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.uber.org/goleak"}},
-	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "kube", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "workload", "zds"},
+	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "kube", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "zds"},
 		external: []string{"github.com/spf13/cobra"}},
 }
 

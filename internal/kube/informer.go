@@ -105,8 +105,12 @@ func (in *Informer[T, P]) Run(ctx context.Context) error {
 				missing = true
 			}
 			in.mu.Lock()
+			had := len(in.items) > 0
 			in.items = map[string]P{}
 			in.mu.Unlock()
+			if had && in.Changed != nil {
+				in.Changed() // the CRD was removed: its objects are gone
+			}
 			select {
 			case <-in.synced:
 			default:

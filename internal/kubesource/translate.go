@@ -242,20 +242,16 @@ func (t *translator) workload(p *kube.Pod) *workload.Workload {
 		}
 		ports := map[uint16]uint16{}
 		for _, sp := range svc.Spec.Ports {
-			if !tcp(sp.Protocol) {
+			port, target, ok := portOf(sp)
+			if !ok {
 				continue
 			}
-			target := uint16(sp.TargetPort.Int)
 			if sp.TargetPort.Str != "" {
-				tp, ok := findPort(p, sp.TargetPort.Str)
-				if !ok {
+				if target, ok = findPort(p, sp.TargetPort.Str); !ok {
 					continue // this pod does not serve that port, as istiod reads it
 				}
-				target = tp
-			} else if target == 0 {
-				target = uint16(sp.Port)
 			}
-			ports[uint16(sp.Port)] = target
+			ports[port] = target
 		}
 		if w.Services == nil {
 			w.Services = map[workload.NamespacedHost]map[uint16]uint16{}
@@ -346,6 +342,26 @@ func findPort(p *kube.Pod, name string) (uint16, bool) {
 	return 0, false
 }
 
+// portOf reads a service port the mesh carries (TCP, in range): the port
+// and its target, 0 for a named targetPort (each endpoint's own, resolved
+// per pod); an unset target is the port itself.
+func portOf(sp kube.ServicePort) (port, target uint16, ok bool) {
+	if !tcp(sp.Protocol) || sp.Port <= 0 || sp.Port > 65535 {
+		return 0, 0, false
+	}
+	if sp.TargetPort.Str != "" {
+		return uint16(sp.Port), 0, true
+	}
+	t := sp.TargetPort.Int
+	if t == 0 {
+		t = sp.Port
+	}
+	if t < 0 || t > 65535 {
+		return 0, 0, false
+	}
+	return uint16(sp.Port), uint16(t), true
+}
+
 // tcp: the mesh carries TCP only (unset means TCP).
 func tcp(proto string) bool { return proto == "" || proto == "TCP" }
 
@@ -404,18 +420,9 @@ func (t *translator) services() []*workload.Service {
 			continue
 		}
 		for _, p := range s.Spec.Ports {
-			if !tcp(p.Protocol) || p.Port <= 0 || p.Port > 65535 {
-				continue
+			if port, target, ok := portOf(p); ok {
+				ws.Ports[port] = target
 			}
-			// A named target port is the endpoint's own (0), resolved per pod.
-			target := uint16(0)
-			if p.TargetPort.Str == "" {
-				target = uint16(p.TargetPort.Int)
-				if target == 0 {
-					target = uint16(p.Port)
-				}
-			}
-			ws.Ports[uint16(p.Port)] = target
 		}
 		if td := s.Spec.TrafficDistribution; td != nil {
 			switch *td {
