@@ -37,12 +37,18 @@ ETCD_VERSION ?= v3.7.3
 K8S_BIN ?= $(HOME)/.cache/ambit/k8s-$(K8S_VERSION)
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins
+.PHONY: all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o bin/ambit ./cmd/ambit
+
+# The container image: the static binary alone, as an OCI layout tar
+# (tools/mkimage, go-containerregistry; no registry, no daemon).
+IMAGE_REF ?= ambitmesh/ambit:$(VERSION)
+image: build
+	$(GO) run ./tools/mkimage -binary bin/ambit -out bin/ambit-image.tar -ref $(IMAGE_REF)
 
 demo: build  ## the seed's request in a lab, hop by hop (root)
 	./bin/ambit demo
@@ -99,7 +105,8 @@ lint:
 		{ echo "installing staticcheck $(STATICCHECK_VERSION)"; $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
 	$(GOBIN)/staticcheck ./...
 
-# openssl is used by a test that loads a CA made by another tool.
+# openssl is used by a test that loads a CA made by another tool; containerd
+# and runc by the image's test (tools/mkimage).
 deps:
 	@command -v openssl >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -107,6 +114,13 @@ deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; \
 		else \
 			echo "note: openssl is missing and cannot be installed here (not root); its test will say SKIP"; \
+		fi; }
+	@{ command -v containerd && command -v runc; } >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing containerd and runc"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc >/dev/null; \
+		else \
+			echo "note: containerd and runc are missing and cannot be installed here (not root); the image test needs root anyway"; \
 		fi; }
 
 # etcd and kube-apiserver from the Go module proxy into $(K8S_BIN), once:

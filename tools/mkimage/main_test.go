@@ -1,0 +1,156 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// untar extracts an OCI layout tar into a directory.
+func untar(t *testing.T, file string) string {
+	t.Helper()
+	dir := t.TempDir()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return dir
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, h.Name)
+		if h.Typeflag == tar.TypeDir {
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		data, err := io.ReadAll(tr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestImageHoldsTheBinaryAndNothingElse reads the written tar back with
+// go-containerregistry's OCI layout reader: one image named as asked, OCI
+// media types, linux and the architecture, the entrypoint, one layer with
+// exactly the binary (same bytes, 0755) and its directories; the same
+// binary gives the same digest twice.
+func TestImageHoldsTheBinaryAndNothingElse(t *testing.T) {
+	bin, err := os.Executable() // an ELF binary at hand: this test's
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "image.tar")
+	d1, err := Write(bin, out, "ambitmesh/ambit:test", "amd64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := os.ReadFile(out)
+	d2, err := Write(bin, out, "ambitmesh/ambit:test", "amd64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, _ := os.ReadFile(out)
+	if d1 != d2 || !bytes.Equal(first, second) {
+		t.Errorf("two builds of one binary differ: %s, %s (tar equal: %v)", d1, d2, bytes.Equal(first, second))
+	}
+
+	idx, err := layout.ImageIndexFromPath(untar(t, out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(im.Manifests) != 1 {
+		t.Fatalf("%d manifests, want 1", len(im.Manifests))
+	}
+	desc := im.Manifests[0]
+	if desc.Digest != d1 || desc.MediaType != types.OCIManifestSchema1 ||
+		desc.Annotations["io.containerd.image.name"] != "docker.io/ambitmesh/ambit:test" || desc.Annotations["org.opencontainers.image.ref.name"] != "test" {
+		t.Errorf("index entry: %+v", desc)
+	}
+	img, err := idx.Image(desc.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cf.OS != "linux" || cf.Architecture != "amd64" || strings.Join(cf.Config.Entrypoint, " ") != "/usr/local/bin/ambit" || !cf.Created.Time.Equal(epoch) {
+		t.Errorf("config: os %s arch %s entrypoint %v created %v", cf.OS, cf.Architecture, cf.Config.Entrypoint, cf.Created)
+	}
+	layers, err := img.Layers()
+	if err != nil || len(layers) != 1 {
+		t.Fatalf("layers: %d, %v", len(layers), err)
+	}
+	if mt, _ := layers[0].MediaType(); mt != types.OCILayer {
+		t.Errorf("layer media type %s", mt)
+	}
+	rc, err := layers[0].Uncompressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	tr := tar.NewReader(rc)
+	var names []string
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, h.Name)
+		if h.Name == BinaryPath {
+			got, _ := io.ReadAll(tr)
+			if !bytes.Equal(got, want) || h.Mode != 0o755 {
+				t.Errorf("%s: %d bytes mode %o, want the binary's %d bytes, 0755", h.Name, len(got), h.Mode, len(want))
+			}
+		}
+	}
+	if strings.Join(names, " ") != "usr/ usr/local/ usr/local/bin/ usr/local/bin/ambit" {
+		t.Errorf("layer holds %v; want the binary and its directories only (no shell)", names)
+	}
+}
+
+// TestImageRefusesWhatIsNotABinary: a file that is not ELF (a script, say)
+// is not put in an image that has no shell to run it.
+func TestImageRefusesWhatIsNotABinary(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "ambit")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\necho hi\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Write(p, filepath.Join(t.TempDir(), "x.tar"), "a:b", "amd64"); err == nil || !strings.Contains(err.Error(), "not an ELF binary") {
+		t.Errorf("a script: %v", err)
+	}
+	if _, err := Write(filepath.Join(t.TempDir(), "absent"), filepath.Join(t.TempDir(), "x.tar"), "a:b", "amd64"); err == nil {
+		t.Error("an absent binary: no error")
+	}
+}
