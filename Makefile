@@ -33,11 +33,12 @@ FORTIO_VERSION ?= v1.68.2
 STATICCHECK_VERSION ?= v0.8.2
 K8S_VERSION ?= v1.37.2
 ETCD_VERSION ?= v3.7.3
+HELM_VERSION ?= v4.3.2
 # Kubernetes components built from the module proxy, cached across runs.
 K8S_BIN ?= $(HOME)/.cache/ambit/k8s-$(K8S_VERSION)
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins
+.PHONY: helm manifests all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins
 
 all: build
 
@@ -58,8 +59,8 @@ demo: build  ## the seed's request in a lab, hop by hop (root)
 # integration tests under the race detector.
 test: deps lint fuzz-smoke bench-smoke unit
 
-unit: k8s-bins
-	K8S_BIN=$(K8S_BIN) $(GO) test -race -count=1 ./...
+unit: k8s-bins helm
+	K8S_BIN=$(K8S_BIN) HELM=$(GOBIN)/helm $(GO) test -race -count=1 ./...
 
 fuzz-smoke:
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZSMOKE) FUZZMINTIME=200x
@@ -73,8 +74,8 @@ fuzz:
 
 # One pass of every Go benchmark, then (as root, as in CI) the lab suite's
 # quick run: seconds per scenario, so neither rots.
-bench-smoke: build k8s-bins
-	K8S_BIN=$(K8S_BIN) $(GO) test -run '^$$' -bench . -benchtime 1x ./...
+bench-smoke: build k8s-bins helm
+	K8S_BIN=$(K8S_BIN) HELM=$(GOBIN)/helm $(GO) test -run '^$$' -bench . -benchtime 1x ./...
 	@if [ "$$(id -u)" = 0 ]; then \
 		$(MAKE) --no-print-directory bench-tools && \
 		PATH="$(GOBIN):$$PATH" ./bin/ambit bench --quick --lab-name benchsmoke; \
@@ -128,6 +129,17 @@ deps:
 # cold on two cores, then cached).
 k8s-bins:
 	GO=$(GO) scripts/k8s-bins.sh $(K8S_VERSION) $(ETCD_VERSION) $(K8S_BIN)
+
+# The helm CLI from the Go module proxy, for the chart's tests and
+# `make manifests`.
+helm:
+	@$(GO) version -m $(GOBIN)/helm 2>/dev/null | grep -q 'mod	helm.sh/helm/v4	$(HELM_VERSION)	' || \
+		{ echo "installing helm $(HELM_VERSION)"; $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION); }
+
+# deploy/ambit.yaml: the chart rendered for kubectl users (a test checks
+# it is current).
+manifests: helm
+	$(GOBIN)/helm template ambit deploy/helm/ambit --namespace ambit-system > deploy/ambit.yaml
 
 clean:
 	rm -rf bin bench.out bench-lab.md
