@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/ambitmesh/ambit/internal/config"
+	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/protobuf/proto"
 	wapi "istio.io/istio/pkg/workloadapi"
 	sapi "istio.io/istio/pkg/workloadapi/security"
@@ -131,3 +132,27 @@ func TestIstioDefaultsAndRefusals(t *testing.T) {
 }
 
 func errOf[T any](_ T, err error) error { return err }
+
+// TestEncodingIsStable: a resource's version is the digest of its
+// encoding, so the same workload or service must encode to the same bytes
+// every time, whatever Go's map order: ports came out in map order once,
+// and every push resent each multi-port service and its endpoints.
+func TestEncodingIsStable(t *testing.T) {
+	ports := map[uint16]uint16{80: 8080, 443: 8443, 9090: 15090, 15021: 15021, 53: 5353}
+	w := &workload.Workload{UID: "u", Name: "w", Namespace: "ns",
+		Services: map[workload.NamespacedHost]map[uint16]uint16{{Namespace: "ns", Hostname: "s.ns.svc.cluster.local"}: ports}}
+	s := &workload.Service{Name: "s", Namespace: "ns", Hostname: "s.ns.svc.cluster.local", Ports: ports}
+	enc := func(m proto.Message) string {
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	w0, s0 := enc(WorkloadToProto(w)), enc(ServiceToProto(s))
+	for range 50 {
+		if enc(WorkloadToProto(w)) != w0 || enc(ServiceToProto(s)) != s0 {
+			t.Fatal("one workload or service encoded two ways: its version would change with no change")
+		}
+	}
+}
