@@ -105,11 +105,9 @@ func (s *CAServer) mayHold(c Caller, id identity.ID) bool {
 	if s.Index != nil {
 		local = s.Index().WorkloadsOnNode(c.Node)
 	}
-	own := id.Namespace == ambient.NodeProxyNamespace && id.ServiceAccount == ambient.NodeProxyServiceAccount
-	if c.Namespace != "" && id.Namespace == c.Namespace && id.ServiceAccount == c.ServiceAccount {
-		own = true
-	}
-	if own {
+	ztunnel := id.Namespace == ambient.NodeProxyNamespace && id.ServiceAccount == ambient.NodeProxyServiceAccount
+	self := c.Namespace != "" && id.Namespace == c.Namespace && id.ServiceAccount == c.ServiceAccount
+	if ztunnel || self {
 		// The proxy's own identity, in a trust domain the node serves
 		// (cluster.local when it serves none yet).
 		if len(local) == 0 {

@@ -110,15 +110,15 @@ func (e *APIError) Error() string {
 }
 
 // IsGone reports a 410: the resourceVersion a watch asked for is too old.
-func IsGone(err error) bool {
-	var ae *APIError
-	return errors.As(err, &ae) && ae.Status.Code == http.StatusGone
-}
+func IsGone(err error) bool { return hasStatus(err, http.StatusGone) }
 
 // IsNotFound: the object, or the whole resource, is not there (404).
-func IsNotFound(err error) bool {
+func IsNotFound(err error) bool { return hasStatus(err, http.StatusNotFound) }
+
+// hasStatus: err is the API server's answer with this HTTP status.
+func hasStatus(err error, code int32) bool {
 	var ae *APIError
-	return errors.As(err, &ae) && ae.Status.Code == http.StatusNotFound
+	return errors.As(err, &ae) && ae.Status.Code == code
 }
 
 // maxBody bounds what one response may hold in memory (a list of every pod

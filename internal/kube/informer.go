@@ -58,6 +58,15 @@ func (in *Informer[T, P]) Synced() <-chan struct{} {
 	return in.synced
 }
 
+// markSynced closes Synced once; only Run's goroutine calls it.
+func (in *Informer[T, P]) markSynced() {
+	select {
+	case <-in.synced:
+	default:
+		close(in.synced)
+	}
+}
+
 // List returns the objects now known, in no order.
 func (in *Informer[T, P]) List() []P {
 	in.mu.RLock()
@@ -111,11 +120,7 @@ func (in *Informer[T, P]) Run(ctx context.Context) error {
 			if had && in.Changed != nil {
 				in.Changed() // the CRD was removed: its objects are gone
 			}
-			select {
-			case <-in.synced:
-			default:
-				close(in.synced)
-			}
+			in.markSynced()
 			t := time.NewTimer(30 * time.Second)
 			select {
 			case <-ctx.Done():
@@ -134,11 +139,7 @@ func (in *Informer[T, P]) Run(ctx context.Context) error {
 			}
 			continue
 		}
-		select {
-		case <-in.synced:
-		default:
-			close(in.synced)
-		}
+		in.markSynced()
 		retry.Reset()
 		for ctx.Err() == nil {
 			// client-go's spread of watch lengths, so a cluster's

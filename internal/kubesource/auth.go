@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"slices"
 	"strings"
 
@@ -96,8 +95,7 @@ func (a *Auth) Authenticate(ctx context.Context, token string) (control.Caller, 
 	if pod == nil || pod.Metadata.UID != podUID {
 		// The cache may lag a new pod: the API server decides.
 		pod, err = a.Client.GetPod(ctx, ns, podName)
-		var ae *kube.APIError
-		if errors.As(err, &ae) && ae.Status.Code == http.StatusNotFound {
+		if kube.IsNotFound(err) {
 			return control.Caller{}, fmt.Errorf("token of %s is bound to pod %s, which does not exist: %w", account, key, control.ErrUnauthenticated)
 		}
 		if err != nil {

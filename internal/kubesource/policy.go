@@ -100,14 +100,8 @@ func rule(r kube.Rule, ns string) ([][]authz.Match, []string, error) {
 		var to []authz.Match
 		for _, op := range r.To {
 			o := op.Operation
-			for _, f := range []struct {
-				name string
-				n    int
-			}{{"hosts", len(o.Hosts)}, {"notHosts", len(o.NotHosts)}, {"methods", len(o.Methods)}, {"notMethods", len(o.NotMethods)}, {"paths", len(o.Paths)}, {"notPaths", len(o.NotPaths)}} {
-				if f.n > 0 {
-					l7 = append(l7, f.name)
-				}
-			}
+			l7 = appendSet(l7, field{"hosts", o.Hosts}, field{"notHosts", o.NotHosts}, field{"methods", o.Methods},
+				field{"notMethods", o.NotMethods}, field{"paths", o.Paths}, field{"notPaths", o.NotPaths})
 			ports, err := parsePorts(o.Ports)
 			if err != nil {
 				return nil, nil, fmt.Errorf("to.operation.ports: %w", err)
@@ -124,14 +118,8 @@ func rule(r kube.Rule, ns string) ([][]authz.Match, []string, error) {
 		var from []authz.Match
 		for _, src := range r.From {
 			s := src.Source
-			for _, f := range []struct {
-				name string
-				n    int
-			}{{"remoteIpBlocks", len(s.RemoteIPBlocks)}, {"notRemoteIpBlocks", len(s.NotRemoteIPBlocks)}, {"requestPrincipals", len(s.RequestPrincipals)}, {"notRequestPrincipals", len(s.NotRequestPrincipals)}} {
-				if f.n > 0 {
-					l7 = append(l7, f.name)
-				}
-			}
+			l7 = appendSet(l7, field{"remoteIpBlocks", s.RemoteIPBlocks}, field{"notRemoteIpBlocks", s.NotRemoteIPBlocks},
+				field{"requestPrincipals", s.RequestPrincipals}, field{"notRequestPrincipals", s.NotRequestPrincipals})
 			ips, err := parsePrefixes(s.IPBlocks)
 			if err != nil {
 				return nil, nil, fmt.Errorf("from.source.ipBlocks: %w", err)
@@ -179,6 +167,23 @@ func rule(r kube.Rule, ns string) ([][]authz.Match, []string, error) {
 		group = append(group, []authz.Match{m})
 	}
 	return group, l7, nil
+}
+
+// field is a rule's field by its name in the API, with its values.
+type field struct {
+	name   string
+	values []string
+}
+
+// appendSet appends the names of the fields that have values: the HTTP
+// attributes a rule uses.
+func appendSet(names []string, fs ...field) []string {
+	for _, f := range fs {
+		if len(f.values) > 0 {
+			names = append(names, f.name)
+		}
+	}
+	return names
 }
 
 // stringMatches reads Istio's forms: "*" any value, "*x" suffix, "x*"
