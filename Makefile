@@ -38,7 +38,7 @@ HELM_VERSION ?= v4.3.2
 K8S_BIN ?= $(HOME)/.cache/ambit/k8s-$(K8S_VERSION)
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 
-.PHONY: helm manifests all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins
+.PHONY: helm manifests all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins k8s-up k8s-down
 
 all: build
 
@@ -107,7 +107,8 @@ lint:
 	$(GOBIN)/staticcheck ./...
 
 # openssl is used by a test that loads a CA made by another tool; containerd
-# and runc by the image's test (tools/mkimage).
+# and runc by the image's test (tools/mkimage) and the test cluster, with
+# the standard CNI plugins (/usr/lib/cni).
 deps:
 	@command -v openssl >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -116,19 +117,30 @@ deps:
 		else \
 			echo "note: openssl is missing and cannot be installed here (not root); its test will say SKIP"; \
 		fi; }
-	@{ command -v containerd && command -v runc; } >/dev/null 2>&1 || { \
+	@{ command -v containerd && command -v runc && test -x /usr/lib/cni/bridge; } >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing containerd and runc"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc >/dev/null; \
+			echo "installing containerd, runc and the CNI plugins"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc containernetworking-plugins >/dev/null; \
 		else \
-			echo "note: containerd and runc are missing and cannot be installed here (not root); the image test needs root anyway"; \
+			echo "note: containerd, runc or the CNI plugins are missing and cannot be installed here (not root); their tests need root anyway"; \
 		fi; }
 
-# etcd and kube-apiserver from the Go module proxy into $(K8S_BIN), once:
-# the control plane's Kubernetes tests run against them (about 5 minutes
-# cold on two cores, then cached).
+# etcd and the Kubernetes components from the Go module proxy into
+# $(K8S_BIN), once: the control plane's tests run against the API server,
+# the cluster tests against all of them (about 10 minutes cold on two
+# cores, then cached).
 k8s-bins:
 	GO=$(GO) scripts/k8s-bins.sh $(K8S_VERSION) $(ETCD_VERSION) $(K8S_BIN)
+
+# The seed's cluster, master and worker1, on this machine (root): each node
+# a kubelet with its own containerd in namespaces of its own, the control
+# plane on the lab's wire (internal/kubetest). `make k8s-down` removes all
+# of it. kubectl: `go run ./tools/k8scluster kubectl -- get pods -A`.
+k8s-up: deps k8s-bins image
+	K8S_BIN=$(K8S_BIN) $(GO) run ./tools/k8scluster up -image bin/ambit-image.tar
+
+k8s-down:
+	K8S_BIN=$(K8S_BIN) $(GO) run ./tools/k8scluster down
 
 # The helm CLI from the Go module proxy, for the chart's tests and
 # `make manifests`.

@@ -69,12 +69,16 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/demo":  {internal: []string{"ambient", "capture", "hbone", "identity", "lab", "nsutil", "relay", "trace"}, external: []string{"github.com/vishvananda/netns"}},
 	// A real etcd and kube-apiserver for tests, with client-go's clients
 	// as the reference writer: linked by tests only.
-	"internal/kubetest": {external: []string{"istio.io/client-go", "k8s.io/", "sigs.k8s.io/yaml"}},
+	// and the seed's two-node cluster on the lab's network.
+	"internal/kubetest": {internal: []string{"lab", "nsutil"}, external: []string{"github.com/vishvananda/netns", "istio.io/client-go", "k8s.io/", "sigs.k8s.io/yaml"}},
 	"internal/testutil": {internal: []string{"identity", "nsutil"}, external: []string{"github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.uber.org/goleak"}},
 	// Build tools, not the mesh: the container image's writer.
 	// The chart and its rendering; tests only.
 	"deploy":        {},
 	"tools/mkimage": {external: []string{"github.com/google/go-containerregistry"}},
+	// The test cluster's command (make k8s-up) and its pods' program.
+	"tools/k8scluster": {internal: []string{"kubetest"}},
+	"tools/testapp":    {},
 	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "kube", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "zds"},
 		external: []string{"github.com/spf13/cobra"}},
 }

@@ -63,8 +63,8 @@ type APIServer struct {
 	Dyn   *dynamic.DynamicClient
 }
 
-// binDir is where `make k8s-bins` puts the binaries.
-func binDir() string {
+// BinDir is where `make k8s-bins` puts the binaries.
+func BinDir() string {
 	if d := os.Getenv("K8S_BIN"); d != "" {
 		return d
 	}
@@ -77,7 +77,7 @@ func binDir() string {
 // test` builds them first.
 func Start(t testing.TB) *APIServer {
 	t.Helper()
-	dir := binDir()
+	dir := BinDir()
 	for _, b := range []string{"etcd", "kube-apiserver"} {
 		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
 			t.Fatalf("kubetest: %s not in %s (run `make k8s-bins`, or set K8S_BIN): %v", b, dir, err)

@@ -48,7 +48,7 @@ func Up(t *Topology) (err error) {
 			return err
 		}
 		// The control plane's address on the wire (see ControlAddr).
-		return upWithAddr(h, "wire0", netip.MustParsePrefix("172.30.255.254/16"))
+		return upWithAddr(h, "wire0", wireAddr)
 	}); err != nil {
 		return fmt.Errorf("lab: wire: %w", err)
 	}

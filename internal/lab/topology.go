@@ -280,6 +280,24 @@ func (t *Topology) podNS(p string) string  { return t.prefix() + "pod-" + p }
 func (t *Topology) NodeNamespace(node string) string { return t.nodeNS(node) }
 func (t *Topology) PodNamespace(pod string) string   { return t.podNS(pod) }
 
+// WireNamespace is the wire's namespace, where the lab's control plane runs.
+func (t *Topology) WireNamespace() string { return t.wireNS() }
+
+// WireAddr is the control plane's address on the wire.
+func (t *Topology) WireAddr() netip.Addr { return wireAddr.Addr() }
+
+// NodeAddr is a node's address on the wire; invalid for no such node.
+func (t *Topology) NodeAddr(node string) netip.Addr {
+	i := t.NodeIndex(node)
+	if i < 0 {
+		return netip.Addr{}
+	}
+	return underlay(i).Addr()
+}
+
+// wireAddr is the wire's own address (the control plane's; see ControlAddr).
+var wireAddr = netip.MustParsePrefix("172.30.255.254/16")
+
 // underlay is node i's address on the wire (the nodes' own network).
 func underlay(i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 30, byte((i + 1) >> 8), byte((i + 1) & 0xff)}), 16)

@@ -38,7 +38,7 @@ func TestImageRunsInContainerd(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	tarFile := filepath.Join(dir, "image.tar")
-	if _, err := Write(bin, tarFile, "ambitmesh/ambit:imagetest", "amd64"); err != nil {
+	if _, err := Write(Spec{Binary: bin, Arch: "amd64"}, tarFile, "ambitmesh/ambit:imagetest"); err != nil {
 		t.Fatal(err)
 	}
 

@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -37,6 +38,9 @@ import (
 // /usr/local/bin/ztunnel).
 const BinaryPath = "usr/local/bin/ambit"
 
+// The cluster tests build their pods' image (tools/testapp) with the same
+// tool: -path puts the binary elsewhere and -title names it.
+
 // epoch is every timestamp in the image: reproducible builds.
 var epoch = time.Unix(0, 0).UTC()
 
@@ -45,8 +49,10 @@ func main() {
 	out := flag.String("out", "bin/ambit-image.tar", "the OCI layout tar to write")
 	ref := flag.String("ref", "ambitmesh/ambit:dev", "the image's name (index.json annotations)")
 	arch := flag.String("arch", runtime.GOARCH, "the binary's architecture")
+	path := flag.String("path", BinaryPath, "where the image holds the binary (its entrypoint)")
+	title := flag.String("title", "ambit", "the image's org.opencontainers.image.title")
 	flag.Parse()
-	digest, err := Write(*bin, *out, *ref, *arch)
+	digest, err := Write(Spec{Binary: *bin, Path: *path, Title: *title, Arch: *arch}, *out, *ref)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mkimage:", err)
 		os.Exit(1)
@@ -54,10 +60,32 @@ func main() {
 	fmt.Printf("%s: %s %s\n", *out, *ref, digest)
 }
 
-// Write builds the image of binary and writes it to out as an OCI layout
-// tar; it returns the manifest's digest.
-func Write(binary, out, ref, arch string) (v1.Hash, error) {
-	img, err := Image(binary, arch)
+// Spec is what goes in an image: one binary at Path, its entrypoint.
+type Spec struct {
+	Binary string // the static binary on disk
+	Path   string // where the image holds it, without a leading slash; default BinaryPath
+	Title  string // org.opencontainers.image.title; default "ambit"
+	Arch   string // default runtime.GOARCH
+}
+
+func (s Spec) fill() Spec {
+	if s.Path == "" {
+		s.Path = BinaryPath
+	}
+	s.Path = strings.TrimPrefix(s.Path, "/")
+	if s.Title == "" {
+		s.Title = "ambit"
+	}
+	if s.Arch == "" {
+		s.Arch = runtime.GOARCH
+	}
+	return s
+}
+
+// Write builds the image and writes it to out as an OCI layout tar named
+// ref; it returns the manifest's digest.
+func Write(spec Spec, out, ref string) (v1.Hash, error) {
+	img, err := Image(spec)
 	if err != nil {
 		return v1.Hash{}, err
 	}
@@ -77,7 +105,7 @@ func Write(binary, out, ref, arch string) (v1.Hash, error) {
 		tag = ref[i+1:]
 	}
 	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{
-		"io.containerd.image.name":          "docker.io/" + ref,
+		"io.containerd.image.name":          fullName(ref),
 		"org.opencontainers.image.ref.name": tag,
 	})); err != nil {
 		return v1.Hash{}, fmt.Errorf("oci layout: %w", err)
@@ -86,6 +114,17 @@ func Write(binary, out, ref, arch string) (v1.Hash, error) {
 		return v1.Hash{}, err
 	}
 	return img.Digest()
+}
+
+// fullName is ref as containerd names it: a bare name (ambitmesh/ambit:dev)
+// is Docker Hub's, as `docker pull` would take it; a name that starts with
+// a registry host (registry.k8s.io/pause:3.10) is kept.
+func fullName(ref string) string {
+	first, _, found := strings.Cut(ref, "/")
+	if found && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		return ref
+	}
+	return "docker.io/" + ref
 }
 
 func lastColon(ref string) int {
@@ -98,7 +137,9 @@ func lastColon(ref string) int {
 }
 
 // Image is the binary in one layer, with its entrypoint.
-func Image(binary, arch string) (v1.Image, error) {
+func Image(spec Spec) (v1.Image, error) {
+	spec = spec.fill()
+	binary := spec.Binary
 	data, err := os.ReadFile(binary)
 	if err != nil {
 		return nil, err
@@ -106,7 +147,7 @@ func Image(binary, arch string) (v1.Image, error) {
 	if len(data) < 4 || !bytes.Equal(data[:4], []byte("\x7fELF")) {
 		return nil, fmt.Errorf("%s is not an ELF binary", binary)
 	}
-	layerTar, err := oneFile(BinaryPath, data, 0o755)
+	layerTar, err := oneFile(spec.Path, data, 0o755)
 	if err != nil {
 		return nil, err
 	}
@@ -119,7 +160,7 @@ func Image(binary, arch string) (v1.Image, error) {
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	img, err = mutate.Append(img, mutate.Addendum{Layer: layer, History: v1.History{
-		Created: v1.Time{Time: epoch}, CreatedBy: "mkimage: " + BinaryPath,
+		Created: v1.Time{Time: epoch}, CreatedBy: "mkimage: " + spec.Path,
 	}})
 	if err != nil {
 		return nil, err
@@ -129,10 +170,10 @@ func Image(binary, arch string) (v1.Image, error) {
 		return nil, err
 	}
 	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture, cf.Created = "linux", arch, v1.Time{Time: epoch}
-	cf.Config.Entrypoint = []string{"/" + BinaryPath}
+	cf.OS, cf.Architecture, cf.Created = "linux", spec.Arch, v1.Time{Time: epoch}
+	cf.Config.Entrypoint = []string{"/" + spec.Path}
 	cf.Config.Labels = map[string]string{
-		"org.opencontainers.image.title":  "ambit",
+		"org.opencontainers.image.title":  spec.Title,
 		"org.opencontainers.image.source": "https://github.com/ambitmesh/ambit",
 	}
 	return mutate.ConfigFile(img, cf)

@@ -64,12 +64,12 @@ func TestImageHoldsTheBinaryAndNothingElse(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(t.TempDir(), "image.tar")
-	d1, err := Write(bin, out, "ambitmesh/ambit:test", "amd64")
+	d1, err := Write(Spec{Binary: bin, Arch: "amd64"}, out, "ambitmesh/ambit:test")
 	if err != nil {
 		t.Fatal(err)
 	}
 	first, _ := os.ReadFile(out)
-	d2, err := Write(bin, out, "ambitmesh/ambit:test", "amd64")
+	d2, err := Write(Spec{Binary: bin, Arch: "amd64"}, out, "ambitmesh/ambit:test")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,10 +147,28 @@ func TestImageRefusesWhatIsNotABinary(t *testing.T) {
 	if err := os.WriteFile(p, []byte("#!/bin/sh\necho hi\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Write(p, filepath.Join(t.TempDir(), "x.tar"), "a:b", "amd64"); err == nil || !strings.Contains(err.Error(), "not an ELF binary") {
+	if _, err := Write(Spec{Binary: p}, filepath.Join(t.TempDir(), "x.tar"), "a:b"); err == nil || !strings.Contains(err.Error(), "not an ELF binary") {
 		t.Errorf("a script: %v", err)
 	}
-	if _, err := Write(filepath.Join(t.TempDir(), "absent"), filepath.Join(t.TempDir(), "x.tar"), "a:b", "amd64"); err == nil {
+	if _, err := Write(Spec{Binary: filepath.Join(t.TempDir(), "absent")}, filepath.Join(t.TempDir(), "x.tar"), "a:b"); err == nil {
 		t.Error("an absent binary: no error")
+	}
+}
+
+// TestFullName: a bare name is Docker Hub's (as `docker pull` takes it); a
+// name starting with a registry host is kept, so the test cluster's pause
+// image is found under the name containerd's config gives.
+func TestFullName(t *testing.T) {
+	for ref, want := range map[string]string{
+		"ambitmesh/ambit:dev":        "docker.io/ambitmesh/ambit:dev",
+		"busybox:1":                  "docker.io/busybox:1",
+		"registry.k8s.io/pause:3.10": "registry.k8s.io/pause:3.10",
+		"localhost:5000/a/b:c":       "localhost:5000/a/b:c",
+		"localhost/a:b":              "localhost/a:b",
+		"ambit.test/testapp:dev":     "ambit.test/testapp:dev",
+	} {
+		if got := fullName(ref); got != want {
+			t.Errorf("fullName(%q) = %q, want %q", ref, got, want)
+		}
 	}
 }
