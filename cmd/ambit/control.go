@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/config"
@@ -20,7 +22,7 @@ import (
 )
 
 func newControlCmd() *cobra.Command {
-	var cfgPath, caDir, tokensPath, listen, kubeconfig, trusted, monitoring string
+	var cfgPath, caDir, tokensPath, listen, kubeconfig, trusted, monitoring, rootCM string
 	var opts kubesource.Options
 	cmd := &cobra.Command{
 		Use:   "control --ca-dir DIR (--config FILE --tokens FILE | [--kubeconfig FILE]) [--listen 127.0.0.1:15012]",
@@ -54,7 +56,7 @@ TokenReview.`,
 			if tokensPath != "" {
 				return errors.New("--tokens is for --config; with Kubernetes node proxies present service-account tokens")
 			}
-			return runControlKube(cmd.Context(), kubeconfig, trusted, monitoring, opts, ca, ap, log)
+			return runControlKube(cmd.Context(), kubeconfig, trusted, monitoring, rootCM, opts, ca, ap, log)
 		},
 	}
 	f := cmd.Flags()
@@ -70,6 +72,7 @@ TokenReview.`,
 	f.StringVar(&opts.DomainSuffix, "domain-suffix", "cluster.local", "DNS suffix of the cluster's services")
 	f.StringVar(&opts.Network, "network", "", "the cluster's network name, if it has one")
 	f.StringVar(&monitoring, "monitoring", "127.0.0.1:15014", `with Kubernetes: address of /metrics ("" for none)`)
+	f.StringVar(&rootCM, "root-cert-configmap", "", "with Kubernetes: publish the CA's root certificate(s) to this ConfigMap (namespace/name), for the node proxies")
 	return cmd
 }
 
@@ -88,21 +91,12 @@ func runControlFile(ctx context.Context, cfgPath, tokensPath string, ca *identit
 
 // runControlKube serves the mesh of a Kubernetes cluster to its node
 // proxies, authenticated by TokenReview.
-func runControlKube(ctx context.Context, kubeconfig, trusted, monitoring string, opts kubesource.Options, ca *identity.CA, ap netip.AddrPort, log *slog.Logger) error {
+func runControlKube(ctx context.Context, kubeconfig, trusted, monitoring, rootCM string, opts kubesource.Options, ca *identity.CA, ap netip.AddrPort, log *slog.Logger) error {
 	accounts, err := kubesource.ParseAccounts(trusted)
 	if err != nil {
 		return fmt.Errorf("--trusted-node-accounts: %w", err)
 	}
-	var kc *kube.Config
-	if kubeconfig != "" {
-		kc, err = kube.LoadKubeconfig(kubeconfig)
-	} else if kc, err = kube.InCluster(); err != nil {
-		err = fmt.Errorf("no --config or --kubeconfig, and not in a pod: %w", err)
-	}
-	if err != nil {
-		return err
-	}
-	client, err := kube.New(kc)
+	client, kc, err := kubeClient(kubeconfig, "no --config or --kubeconfig, and not in a pod")
 	if err != nil {
 		return err
 	}
@@ -116,8 +110,55 @@ func runControlKube(ctx context.Context, kubeconfig, trusted, monitoring string,
 		}
 		defer stop()
 	}
+	if rootCM != "" {
+		if err := publishRoots(ctx, client, rootCM, ca); err != nil {
+			return err
+		}
+	}
 	log.Info("mesh from the Kubernetes API server", "server", kc.Server, "cluster", src.ClusterID, "rootNamespace", src.RootNamespace)
 	return control.Run(ctx, src, ca, auth, ap, log)
+}
+
+// kubeClient is the API client of the kubeconfig file, or (none given) the
+// pod's in-cluster config; notInPod prefixes the error when neither works.
+func kubeClient(kubeconfig, notInPod string) (*kube.Client, *kube.Config, error) {
+	var kc *kube.Config
+	var err error
+	if kubeconfig != "" {
+		kc, err = kube.LoadKubeconfig(kubeconfig)
+	} else if kc, err = kube.InCluster(); err != nil {
+		err = fmt.Errorf("%s: %w", notInPod, err)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	client, err := kube.New(kc)
+	if err != nil {
+		return nil, nil, err
+	}
+	return client, kc, nil
+}
+
+// publishRoots writes the CA's trust bundle to the ConfigMap ns/name
+// (root-cert.pem), as istiod publishes istio-ca-root-cert: the node
+// proxies mount it to trust the control plane. The CA's key stays in its
+// Secret, which no node can read.
+func publishRoots(ctx context.Context, client *kube.Client, nsName string, ca *identity.CA) error {
+	ns, name, ok := strings.Cut(nsName, "/")
+	if !ok || ns == "" || name == "" {
+		return fmt.Errorf("--root-cert-configmap %q: want namespace/name", nsName)
+	}
+	var bundle []byte
+	for _, r := range ca.Roots() {
+		bundle = append(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := client.ApplyConfigMap(ctx, ns, name, "ambit-control", map[string]string{"app.kubernetes.io/part-of": "ambit"},
+		map[string]string{identity.RootCertFile: string(bundle)}); err != nil {
+		return fmt.Errorf("publishing the root certificate to ConfigMap %s: %w", nsName, err)
+	}
+	return nil
 }
 
 // serveMetrics serves h at /metrics on addr until stop (or ctx's end).

@@ -54,10 +54,14 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/proxy": {internal: []string{"ambient", "authz", "hbone", "identity", "listener", "nsutil", "relay", "sockopt", "socks5", "telemetry", "workload", "zds"},
 		external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix", "istio.io/istio/pkg/zdsapi"}},
 	"internal/nodeagent": {internal: []string{"capture", "listener", "zds"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix", "istio.io/istio/pkg/zdsapi"}},
+	// The CNI plugin (the ambit binary as ambit-cni) and its installation.
+	"internal/cni": {internal: []string{"ambient", "kube"}, external: []string{"github.com/containernetworking/cni"}},
+	// The node agent on Kubernetes: its node's pods, the plugin's events.
+	"internal/kubenode": {internal: []string{"ambient", "cni", "kube", "nodeagent"}, external: []string{"istio.io/istio/pkg/zdsapi"}},
 	"internal/control": {internal: []string{"ambient", "identity", "workload", "xds"},
 		external: []string{"golang.org/x/sync/errgroup", "google.golang.org/grpc", "istio.io/api/security"}},
 	// The control plane's Kubernetes source and TokenReview authenticator.
-	"internal/kubesource": {internal: []string{"authz", "control", "kube", "workload"},
+	"internal/kubesource": {internal: []string{"ambient", "authz", "control", "kube", "workload"},
 		external: []string{"github.com/prometheus/client_golang", "golang.org/x/sync/errgroup"}},
 	// Start-up: the one place that joins a source, an issuer and a proxy.
 	"internal/startup": {internal: []string{"ambient", "caclient", "config", "hbone", "identity", "memtrim", "proxy", "telemetry", "workload", "xds", "zds"},
@@ -74,12 +78,14 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/testutil": {internal: []string{"identity", "nsutil"}, external: []string{"github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.uber.org/goleak"}},
 	// Build tools, not the mesh: the container image's writer.
 	// The chart and its rendering; tests only.
-	"deploy":        {},
+	"deploy": {},
+	// Ambit on the real two-node cluster, installed by its chart; tests only.
+	"e2e":           {},
 	"tools/mkimage": {external: []string{"github.com/google/go-containerregistry"}},
 	// The test cluster's command (make k8s-up) and its pods' program.
 	"tools/k8scluster": {internal: []string{"kubetest"}},
 	"tools/testapp":    {},
-	"cmd/ambit": {internal: []string{"bench", "config", "control", "demo", "hbone", "identity", "kube", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "zds"},
+	"cmd/ambit": {internal: []string{"bench", "cni", "config", "control", "demo", "hbone", "identity", "kube", "kubenode", "kubesource", "lab", "nodeagent", "nsutil", "startup", "telemetry", "zds"},
 		external: []string{"github.com/spf13/cobra"}},
 }
 

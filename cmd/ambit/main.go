@@ -7,12 +7,21 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
+	"github.com/ambitmesh/ambit/internal/cni"
 	"github.com/spf13/cobra"
 )
 
 func main() {
+	// Run under the CNI plugin's name (the node agent installs this binary
+	// as /opt/cni/bin/ambit-cni), it is the plugin: the CNI protocol on
+	// its environment and stdin, no flags.
+	if filepath.Base(os.Args[0]) == cni.PluginType {
+		cni.Main()
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := newRoot().ExecuteContext(ctx); err != nil {

@@ -28,10 +28,10 @@ const proxyFDTable = 32768
 
 // proxyFlags are the proxy command's flags, as given.
 type proxyFlags struct {
-	opts                          startup.Options
-	local                         startup.Local
-	remote                        startup.ControlPlane
-	listenIP, logFormat, logLevel string
+	opts                                   startup.Options
+	local                                  startup.Local
+	remote                                 startup.ControlPlane
+	listenIP, probeIP, logFormat, logLevel string
 }
 
 var proxyLong = `Run the node proxy. The config file (ztunnel's local YAML: workloads,
@@ -85,6 +85,7 @@ func (pf *proxyFlags) register(cmd *cobra.Command) {
 	f.StringVar(&o.Workload, "workload", "", "dedicated mode: serve this workload (namespace/name) on its own IP")
 	f.StringVar(&o.Node, "node", "", "shared mode: serve the workloads of this node")
 	f.StringVar(&pf.listenIP, "listen-ip", "", "shared mode: address the listeners bind to (default 127.0.0.1)")
+	f.StringVar(&pf.probeIP, "probe-ip", "", "address readiness (15021) and metrics (15020) bind to (default: the admin port's, 127.0.0.1)")
 	f.StringVar(&pf.logFormat, "log-format", "text", "log and access-log format: text or json")
 	f.StringVar(&pf.logLevel, "log-level", "info", "debug, info, warn or error (changeable at runtime on the admin port)")
 	f.DurationVar(&o.CertTTL, "cert-ttl", identity.DefaultCertTTL, "workload certificate lifetime")
@@ -123,6 +124,13 @@ func (pf *proxyFlags) options(w *telemetry.LogWriter) (startup.Options, error) {
 			return o, fmt.Errorf("--listen-ip: %w", err)
 		}
 		o.ListenIP = ip
+	}
+	if pf.probeIP != "" {
+		ip, err := netip.ParseAddr(pf.probeIP)
+		if err != nil {
+			return o, fmt.Errorf("--probe-ip: %w", err)
+		}
+		o.ProbeIP = ip
 	}
 	o.LogLevel = new(slog.LevelVar)
 	if err := o.LogLevel.UnmarshalText([]byte(strings.ToUpper(pf.logLevel))); err != nil {

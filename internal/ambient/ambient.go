@@ -39,3 +39,35 @@ const (
 func NodeProxyID() identity.ID {
 	return identity.ID{TrustDomain: DefaultTrustDomain, Namespace: NodeProxyNamespace, ServiceAccount: NodeProxyServiceAccount}
 }
+
+// Istio's Kubernetes vocabulary for ambient: who is in the mesh, and
+// which pods a node has captured.
+const (
+	// DataplaneModeLabel on a namespace or pod: "ambient" puts it in the
+	// mesh; on a pod, "none" keeps it out whatever its namespace says.
+	DataplaneModeLabel = "istio.io/dataplane-mode"
+	// RedirectionAnnotation is written on a pod by its node's agent once
+	// its traffic is captured ("enabled"), as istio-cni does; only then is
+	// the pod reachable over HBONE.
+	RedirectionAnnotation = "ambient.istio.io/redirection"
+)
+
+// InMesh is Istio's rule for a pod, from its labels and its namespace's:
+// the pod's own label decides when it has one ("ambient" in, "none" out),
+// else the namespace's "ambient" puts it in.
+func InMesh(namespaceLabels, podLabels map[string]string) bool {
+	switch podLabels[DataplaneModeLabel] {
+	case "ambient":
+		return true
+	case "none":
+		return false
+	}
+	return namespaceLabels[DataplaneModeLabel] == "ambient"
+}
+
+// PodWorkloadUID is istiod's uid for a pod's workload:
+// <cluster>//Pod/<namespace>/<name>. The control plane sends it in xDS and
+// the node agent names the pod by it over ZDS.
+func PodWorkloadUID(clusterID, namespace, name string) string {
+	return clusterID + "//Pod/" + namespace + "/" + name
+}

@@ -208,6 +208,11 @@ var (
 	Services              = Resource{"", "v1", "services", "Service"}
 	EndpointSlices        = Resource{"discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"}
 	AuthorizationPolicies = Resource{"security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy"}
+	// The node agent reads its own DaemonSet: gone or going, it is being
+	// uninstalled, not restarted.
+	DaemonSets = Resource{"apps", "v1", "daemonsets", "DaemonSet"}
+	// The control plane publishes its root certificate in one.
+	ConfigMaps = Resource{"", "v1", "configmaps", "ConfigMap"}
 )
 
 // Path is the collection's path across namespaces, or in ns.
@@ -329,6 +334,34 @@ func (c *Client) ReviewToken(ctx context.Context, token string, audiences []stri
 	return &out.Status, nil
 }
 
+// RequestToken asks for a token of the service account ns/name (the
+// TokenRequest API), valid for ttl and bound to the Node named node: it
+// dies with the node, not with any one pod, so a CNI plugin holding it
+// still works while the pod that asked is being replaced.
+func (c *Client) RequestToken(ctx context.Context, ns, name, node, nodeUID string, ttl time.Duration) (string, time.Time, error) {
+	in := map[string]any{
+		"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+		"spec": map[string]any{
+			"expirationSeconds": int64(ttl / time.Second),
+			"boundObjectRef":    map[string]any{"apiVersion": "v1", "kind": "Node", "name": node, "uid": nodeUID},
+		},
+	}
+	var out struct {
+		Status struct {
+			Token               string    `json:"token"`
+			ExpirationTimestamp time.Time `json:"expirationTimestamp"`
+		} `json:"status"`
+	}
+	path := "/api/v1/namespaces/" + url.PathEscape(ns) + "/serviceaccounts/" + url.PathEscape(name) + "/token"
+	if err := c.do(ctx, http.MethodPost, path, nil, "application/json", in, &out); err != nil {
+		return "", time.Time{}, err
+	}
+	if out.Status.Token == "" {
+		return "", time.Time{}, fmt.Errorf("kube: TokenRequest for %s/%s returned no token", ns, name)
+	}
+	return out.Status.Token, out.Status.ExpirationTimestamp, nil
+}
+
 // AnnotatePod sets (value not nil) or removes (nil) annotations on a pod,
 // with a JSON merge patch: nothing else of the pod is touched.
 func (c *Client) AnnotatePod(ctx context.Context, ns, name string, annotations map[string]*string) error {
@@ -336,11 +369,30 @@ func (c *Client) AnnotatePod(ctx context.Context, ns, name string, annotations m
 	return c.do(ctx, http.MethodPatch, Pods.Path(ns)+"/"+url.PathEscape(name), nil, "application/merge-patch+json", patch, nil)
 }
 
-// GetPod reads one pod from the API server (not a cache): for a pod an
-// informer has not seen yet.
+// ApplyConfigMap makes the ConfigMap ns/name hold exactly data, created
+// if absent: a server-side apply by fieldManager, so a second writer's
+// keys are not this one's to remove.
+func (c *Client) ApplyConfigMap(ctx context.Context, ns, name, fieldManager string, labels, data map[string]string) error {
+	body := map[string]any{
+		"apiVersion": "v1", "kind": "ConfigMap",
+		"metadata": map[string]any{"name": name, "namespace": ns, "labels": labels},
+		"data":     data,
+	}
+	q := url.Values{"fieldManager": {fieldManager}, "force": {"true"}}
+	return c.do(ctx, http.MethodPatch, ConfigMaps.Path(ns)+"/"+url.PathEscape(name), q, "application/apply-patch+yaml", body, nil)
+}
+
+// Get reads one object from the API server (not a cache) into out: for
+// an object an informer has not seen yet. ns is "" for a cluster-scoped
+// resource.
+func (c *Client) Get(ctx context.Context, r Resource, ns, name string, out any) error {
+	return c.do(ctx, http.MethodGet, r.Path(ns)+"/"+url.PathEscape(name), nil, "", nil, out)
+}
+
+// GetPod is Get for a pod.
 func (c *Client) GetPod(ctx context.Context, ns, name string) (*Pod, error) {
 	var p Pod
-	if err := c.do(ctx, http.MethodGet, Pods.Path(ns)+"/"+url.PathEscape(name), nil, "", nil, &p); err != nil {
+	if err := c.Get(ctx, Pods, ns, name, &p); err != nil {
 		return nil, err
 	}
 	return &p, nil

@@ -36,9 +36,11 @@ type Config struct {
 
 // The paths and variables a pod's service account is mounted at.
 const (
-	serviceAccountDir = "/var/run/secrets/kubernetes.io/serviceaccount"
-	envServiceHost    = "KUBERNETES_SERVICE_HOST"
-	envServicePort    = "KUBERNETES_SERVICE_PORT"
+	serviceAccountDir  = "/var/run/secrets/kubernetes.io/serviceaccount"
+	InClusterTokenFile = serviceAccountDir + "/token"
+	InClusterCAFile    = serviceAccountDir + "/ca.crt"
+	envServiceHost     = "KUBERNETES_SERVICE_HOST"
+	envServicePort     = "KUBERNETES_SERVICE_PORT"
 )
 
 // InCluster is the pod's own API access: the API server's Service from the
@@ -48,20 +50,29 @@ func InCluster() (*Config, error) {
 	if host == "" || port == "" {
 		return nil, fmt.Errorf("in-cluster config: %s and %s are not set (not running in a pod? give --kubeconfig)", envServiceHost, envServicePort)
 	}
-	ca, err := os.ReadFile(filepath.Join(serviceAccountDir, "ca.crt"))
+	roots, err := LoadRoots(InClusterCAFile)
 	if err != nil {
 		return nil, fmt.Errorf("in-cluster config: %w", err)
-	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(ca) {
-		return nil, fmt.Errorf("in-cluster config: %s/ca.crt holds no PEM certificate", serviceAccountDir)
 	}
 	return &Config{
 		Server:    "https://" + net.JoinHostPort(host, port),
 		Roots:     roots,
-		TokenFile: filepath.Join(serviceAccountDir, "token"),
+		TokenFile: InClusterTokenFile,
 		Source:    "in-cluster",
 	}, nil
+}
+
+// LoadRoots reads a PEM file of CA certificates.
+func LoadRoots(file string) (*x509.CertPool, error) {
+	pemData, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pemData) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", file)
+	}
+	return roots, nil
 }
 
 // kubeconfig is the part of kubectl's file format that names a server, its

@@ -24,6 +24,7 @@ func (o *Pod) Meta() *ObjectMeta                 { return &o.Metadata }
 func (o *Service) Meta() *ObjectMeta             { return &o.Metadata }
 func (o *EndpointSlice) Meta() *ObjectMeta       { return &o.Metadata }
 func (o *AuthorizationPolicy) Meta() *ObjectMeta { return &o.Metadata }
+func (o *DaemonSet) Meta() *ObjectMeta           { return &o.Metadata }
 
 // Informer keeps a copy of one collection current, client-go's pattern: a
 // list, then a watch from the list's resourceVersion (bookmarks keep it

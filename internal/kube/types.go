@@ -35,11 +35,18 @@ type OwnerReference struct {
 	APIVersion string `json:"apiVersion"`
 	Kind       string `json:"kind"`
 	Name       string `json:"name"`
+	UID        string `json:"uid,omitempty"`
 	Controller *bool  `json:"controller,omitempty"`
 }
 
 // Namespace is a core/v1 Namespace.
 type Namespace struct {
+	Metadata ObjectMeta `json:"metadata"`
+}
+
+// DaemonSet is an apps/v1 DaemonSet, its metadata only: the node agent
+// watches its own to tell an uninstall from a restart.
+type DaemonSet struct {
 	Metadata ObjectMeta `json:"metadata"`
 }
 

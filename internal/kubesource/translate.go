@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/kube"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -15,12 +16,10 @@ import (
 
 // Istio's names for mesh membership and capture.
 const (
-	// DataplaneModeLabel on a namespace or pod: "ambient" puts it in the
-	// mesh, "none" (on a pod) keeps it out.
-	DataplaneModeLabel = "istio.io/dataplane-mode"
-	// RedirectionAnnotation is written by the node agent once it has
-	// captured a pod's traffic ("enabled"): from then on the pod is HBONE.
-	RedirectionAnnotation = "ambient.istio.io/redirection"
+	// Istio's labels and annotation for ambient (internal/ambient holds
+	// them, for the node agent too).
+	DataplaneModeLabel    = ambient.DataplaneModeLabel
+	RedirectionAnnotation = ambient.RedirectionAnnotation
 	// DryRunAnnotation marks an AuthorizationPolicy as dry-run.
 	DryRunAnnotation = "istio.io/dry-run"
 )
@@ -160,19 +159,15 @@ func (t *translator) index() {
 
 // InMesh is Istio's membership rule: the pod's label, else its namespace's.
 func InMesh(ns *kube.Namespace, pod *kube.Pod) bool {
-	switch pod.Metadata.Labels[DataplaneModeLabel] {
-	case "ambient":
-		return true
-	case "none":
-		return false
+	var nsLabels map[string]string
+	if ns != nil {
+		nsLabels = ns.Metadata.Labels
 	}
-	return ns != nil && ns.Metadata.Labels[DataplaneModeLabel] == "ambient"
+	return ambient.InMesh(nsLabels, pod.Metadata.Labels)
 }
 
 // UID is a pod's workload uid: <cluster>//Pod/<ns>/<name>.
-func UID(clusterID, ns, name string) string {
-	return clusterID + "//Pod/" + ns + "/" + name
-}
+func UID(clusterID, ns, name string) string { return ambient.PodWorkloadUID(clusterID, ns, name) }
 
 func (t *translator) workloads() []*workload.Workload {
 	pods := slices.Clone(t.st.Pods)

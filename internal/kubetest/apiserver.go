@@ -218,35 +218,41 @@ func (s *APIServer) waitReady(t testing.TB, certDir string) {
 
 var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
-// installCRDs installs Istio's AuthorizationPolicy CRD, from the Istio
-// module this one builds against, and waits until it is served.
-func (s *APIServer) installCRDs(t testing.TB) {
-	t.Helper()
+// AuthorizationPolicyCRD is Istio's AuthorizationPolicy CRD, from the
+// Istio module this one builds against, as YAML.
+func AuthorizationPolicyCRD() ([]byte, error) {
 	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/istio").Output()
 	if err != nil {
-		t.Fatalf("kubetest: finding the istio.io/istio module: %v", err)
+		return nil, fmt.Errorf("kubetest: finding the istio.io/istio module: %w", err)
 	}
 	file := filepath.Join(strings.TrimSpace(string(out)), "manifests", "charts", "base", "files", "crd-all.gen.yaml")
 	data, err := os.ReadFile(file)
 	if err != nil {
-		t.Fatalf("kubetest: Istio's CRDs: %v", err)
+		return nil, fmt.Errorf("kubetest: Istio's CRDs: %w", err)
 	}
-	var crd *unstructured.Unstructured
 	for doc := range strings.SplitSeq(string(data), "\n---\n") {
-		if !strings.Contains(doc, "name: authorizationpolicies.security.istio.io") {
-			continue
-		}
-		js, err := yaml.YAMLToJSON([]byte(doc))
-		if err != nil {
-			t.Fatalf("kubetest: %s: %v", file, err)
-		}
-		crd = &unstructured.Unstructured{}
-		if err := json.Unmarshal(js, &crd.Object); err != nil {
-			t.Fatalf("kubetest: %s: %v", file, err)
+		if strings.Contains(doc, "name: authorizationpolicies.security.istio.io") {
+			return []byte(doc), nil
 		}
 	}
-	if crd == nil {
-		t.Fatalf("kubetest: %s has no AuthorizationPolicy CRD", file)
+	return nil, fmt.Errorf("kubetest: %s has no AuthorizationPolicy CRD", file)
+}
+
+// installCRDs installs Istio's AuthorizationPolicy CRD and waits until it
+// is served.
+func (s *APIServer) installCRDs(t testing.TB) {
+	t.Helper()
+	doc, err := AuthorizationPolicyCRD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := yaml.YAMLToJSON(doc)
+	if err != nil {
+		t.Fatalf("kubetest: the AuthorizationPolicy CRD: %v", err)
+	}
+	crd := &unstructured.Unstructured{}
+	if err := json.Unmarshal(js, &crd.Object); err != nil {
+		t.Fatalf("kubetest: the AuthorizationPolicy CRD: %v", err)
 	}
 	ctx := context.Background()
 	if _, err := s.Dyn.Resource(crdGVR).Create(ctx, crd, metav1.CreateOptions{}); err != nil {

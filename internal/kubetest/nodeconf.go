@@ -101,27 +101,42 @@ serializeImagePulls: false
 // buildTestImages builds tools/testapp and writes it as the pause image
 // and the test pods' image, OCI layout tars in dir.
 func buildTestImages(ctx context.Context, dir string) ([]string, error) {
-	root, err := moduleRoot(ctx)
-	if err != nil {
-		return nil, err
-	}
-	bin := filepath.Join(dir, "testapp")
-	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./tools/testapp")
-	build.Dir, build.Env = root, append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("kubetest: building tools/testapp: %v: %s", err, out)
-	}
 	var tars []string
 	for _, ref := range []string{PauseImage, TestImage} {
-		out := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(ref)+".tar")
-		mk := exec.CommandContext(ctx, "go", "run", "./tools/mkimage", "-binary", bin, "-path", "testapp", "-title", "ambit-testapp", "-ref", ref, "-out", out)
-		mk.Dir = root
-		if b, err := mk.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("kubetest: image %s: %v: %s", ref, err, b)
+		tar, err := buildImage(ctx, dir, "./tools/testapp", "testapp", "ambit-testapp", ref)
+		if err != nil {
+			return nil, err
 		}
-		tars = append(tars, out)
+		tars = append(tars, tar)
 	}
 	return tars, nil
+}
+
+// AmbitImage builds this module's ambit binary and its image (as `make
+// image` does) named ref, an OCI layout tar in dir, for a cluster to run.
+func AmbitImage(ctx context.Context, dir, ref string) (string, error) {
+	return buildImage(ctx, dir, "./cmd/ambit", "usr/local/bin/ambit", "ambit", ref)
+}
+
+// buildImage builds pkg, static, and writes its image: the binary at path.
+func buildImage(ctx context.Context, dir, pkg, path, title, ref string) (string, error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, pkg)
+	build.Dir, build.Env = root, append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("kubetest: building %s: %v: %s", pkg, err, out)
+	}
+	out := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(ref)+".tar")
+	mk := exec.CommandContext(ctx, "go", "run", "./tools/mkimage", "-binary", bin, "-path", path, "-title", title, "-ref", ref, "-out", out)
+	mk.Dir = root
+	if b, err := mk.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("kubetest: image %s: %v: %s", ref, err, b)
+	}
+	return out, nil
 }
 
 func moduleRoot(ctx context.Context) (string, error) {

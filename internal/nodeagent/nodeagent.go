@@ -137,6 +137,14 @@ func (a *Agent) Pods() []string {
 	return out
 }
 
+// ProxyConnected reports whether a proxy is connected and has had its
+// snapshot (new enrollments go to it at once).
+func (a *Agent) ProxyConnected() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.proxy != nil
+}
+
 func add(p *Pod) *zdsapi.WorkloadRequest {
 	return &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: p.UID, WorkloadInfo: p.Info}}}
 }

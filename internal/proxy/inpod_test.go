@@ -20,6 +20,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/testutil"
+	"github.com/ambitmesh/ambit/internal/workload"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"istio.io/istio/pkg/zdsapi"
 )
@@ -36,52 +37,33 @@ func TestInPodCaptureCarriesTheSeedRequest(t *testing.T) {
 	doc := `workloads:
 - {uid: seed//client, name: client, namespace: default, serviceAccount: default, workloadIps: ["10.250.9.2"], protocol: HBONE, node: master}
 - {uid: seed//server, name: server, namespace: default, serviceAccount: default, workloadIps: ["10.250.9.3"], protocol: HBONE, node: master}
+- {uid: seed//elsewhere, name: elsewhere, namespace: default, serviceAccount: default, workloadIps: ["10.250.9.9"], protocol: HBONE, node: worker1}
 `
 	ix, err := config.Parse("seed.yaml", []byte(doc))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca := testutil.CA(t)
-	lb := &logBuf{}
-	log := slog.New(slog.NewTextHandler(lb, nil))
-	certs := identity.NewManager(&identity.LocalIssuer{CA: ca}, log)
-	t.Cleanup(certs.Close)
-	nodeIP := netip.MustParseAddr("127.0.77.1")
-	p, err := New(Options{Node: "master", ListenIP: nodeIP, AdminIP: nodeIP, Certs: certs, Log: log, Metrics: telemetry.NewMetrics("test")}, ix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { p.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	testutil.WaitFor(t, "readiness", func() bool { ok, _ := p.Ready(); return ok })
-
 	// Enrollment goes the real way: the node agent installs capture and
 	// hands each namespace to the proxy over the ZDS socket.
-	agent := &nodeagent.Agent{Socket: filepath.Join(t.TempDir(), "zds.sock"), Log: log}
-	zc := &zds.Client{Socket: agent.Socket, Handler: p.ZDS(), Log: log}
-	actx, acancel := context.WithCancel(context.Background())
-	adone := make(chan struct{}, 2)
-	go func() { agent.Serve(actx); adone <- struct{}{} }()
-	go func() { zc.Run(actx); adone <- struct{}{} }()
-	t.Cleanup(func() { acancel(); <-adone; <-adone })
-	// The client pod is enrolled before the proxy connects (it comes in
-	// the snapshot), the server after (an add).
+	p, agent, lb := inPodProxy(t, ix, netip.MustParseAddr("127.0.77.1"))
+	// The client pod is enrolled as the proxy connects (it may come in the
+	// snapshot), the server after (an add).
 	if err := agent.Enroll(nodeagent.Pod{UID: "seed//client", Info: &zdsapi.WorkloadInfo{Name: "client", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + clientName}); err != nil {
 		t.Fatal(err)
 	}
 	testutil.WaitFor(t, "the snapshot", func() bool { return p.podAt(netip.MustParseAddr("10.250.9.2")) != nil })
+	testutil.WaitFor(t, "readiness", func() bool { ok, _ := p.Ready(); return ok })
 	if err := agent.Enroll(nodeagent.Pod{UID: "seed//server", Info: &zdsapi.WorkloadInfo{Name: "server", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + serverName}); err != nil {
 		t.Fatal(err)
 	}
 	if p.podAt(netip.MustParseAddr("10.250.9.3")) == nil {
 		t.Fatal("the server pod was acked but is not served")
 	}
-	// A pod of another node is refused, and its capture rolled back.
+	// A pod xDS places on another node is refused, and its capture rolled back.
 	otherNS, otherName := testutil.Netns(t)
-	if err := agent.Enroll(nodeagent.Pod{UID: "seed//nobody", NSPath: "/run/netns/" + otherName}); err == nil {
-		t.Fatal("the proxy accepted a pod that is not on its node")
+	err = agent.Enroll(nodeagent.Pod{UID: "seed//elsewhere", NSPath: "/run/netns/" + otherName})
+	if err == nil || !strings.Contains(err.Error(), `a workload of node "worker1"`) {
+		t.Fatalf("a pod of another node: %v, want a refusal naming its node", err)
 	}
 	if ok, _ := capture.Installed(otherNS); ok {
 		t.Fatal("a refused pod was left captured")
@@ -210,4 +192,122 @@ func lastLine(s, sub string) string {
 		}
 	}
 	return ""
+}
+
+// TestPodEnrolledBeforeXDS: on Kubernetes a pod is enrolled during its CNI
+// ADD, before xDS can know it. The proxy takes it (its address from its
+// namespace), refuses its traffic while xDS lacks it (fail closed: no
+// identity to send with), and carries it once xDS brings it.
+func TestPodEnrolledBeforeXDS(t *testing.T) {
+	podNS, podName := testutil.Netns(t)
+	peerNS, _ := testutil.Netns(t)
+	testutil.Veth(t, podNS, peerNS, "10.250.7.2/24", "10.250.7.3/24")
+	ix, err := config.Parse("empty.yaml", []byte("workloads: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, agent, lb := inPodProxy(t, ix, netip.MustParseAddr("127.0.77.2"))
+	testutil.WaitFor(t, "the proxy on the ZDS socket", func() bool { return agent.ProxyConnected() })
+
+	if err := agent.Enroll(nodeagent.Pod{UID: "k//Pod/default/early", Info: &zdsapi.WorkloadInfo{Name: "early", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + podName}); err != nil {
+		t.Fatalf("a pod xDS does not know yet: %v (the CNI ADD would fail)", err)
+	}
+	if p.podAt(netip.MustParseAddr("10.250.7.2")) == nil {
+		t.Fatal("the early pod is not served at its namespace's address")
+	}
+	// Its peer outside the mesh.
+	var app net.Listener
+	if err := nsutil.Do(peerNS, func() (err error) { app, err = net.Listen("tcp", "10.250.7.3:80"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	go func() {
+		for {
+			c, err := app.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c); c.(*net.TCPConn).CloseWrite() }()
+		}
+	}()
+	request := []byte("ping\n")
+	try := func() ([]byte, error) {
+		var c net.Conn
+		if err := nsutil.Do(podNS, func() (err error) {
+			c, err = net.DialTimeout("tcp", "10.250.7.3:80", 5*time.Second)
+			return err
+		}); err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return roundTrip(c.(*net.TCPConn), request)
+	}
+	if back, err := try(); err == nil && bytes.Equal(back, request) {
+		t.Fatal("traffic of a pod xDS does not know went through; want it refused until xDS has it")
+	}
+	doc := `workloads:
+- {uid: k//Pod/default/early, name: early, namespace: default, serviceAccount: default, workloadIps: ["10.250.7.2"], protocol: HBONE, node: master}
+`
+	ix2, err := config.Parse("later.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetIndex(ix2); err != nil {
+		t.Fatal(err)
+	}
+	if back, err := try(); err != nil || !bytes.Equal(back, request) {
+		t.Fatalf("once xDS has the pod: %q, %v\nproxy log:\n%s", back, err, lb.String())
+	}
+}
+
+// inPodProxy runs a shared proxy for node master, listening on nodeIP,
+// with a node agent serving it pods over a ZDS socket.
+func inPodProxy(t *testing.T, ix *workload.Index, nodeIP netip.Addr) (*Proxy, *nodeagent.Agent, *logBuf) {
+	t.Helper()
+	lb := &logBuf{}
+	log := slog.New(slog.NewTextHandler(lb, nil))
+	certs := identity.NewManager(&identity.LocalIssuer{CA: testutil.CA(t)}, log)
+	t.Cleanup(certs.Close)
+	p, err := New(Options{Node: "master", ListenIP: nodeIP, AdminIP: nodeIP, Certs: certs, Log: log, Metrics: telemetry.NewMetrics("test"), ZDS: true}, ix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	agent := &nodeagent.Agent{Socket: filepath.Join(t.TempDir(), "zds.sock"), Log: log}
+	zc := &zds.Client{Socket: agent.Socket, Handler: p.ZDS(), Log: log}
+	actx, acancel := context.WithCancel(context.Background())
+	adone := make(chan struct{}, 2)
+	go func() { agent.Serve(actx); adone <- struct{}{} }()
+	go func() { zc.Run(actx); adone <- struct{}{} }()
+	t.Cleanup(func() { acancel(); <-adone; <-adone })
+	return p, agent, lb
+}
+
+// TestNotReadyBeforeTheSnapshot: with pods from ZDS, the proxy is not
+// ready until the node agent's first snapshot is in, and stays ready
+// after (an agent restart does not take the node's pods away).
+func TestNotReadyBeforeTheSnapshot(t *testing.T) {
+	ix, err := config.Parse("empty.yaml", []byte("workloads: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Options{Node: "master", ZDS: true, Certs: identity.NewManager(&identity.LocalIssuer{CA: testutil.CA(t)}, nil), Metrics: telemetry.NewMetrics("test")}, ix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, why := p.Ready(); ok || !strings.Contains(why, "snapshot") {
+		t.Fatalf("before the snapshot: ready %v (%s)", ok, why)
+	}
+	if err := p.ZDS().SnapshotDone(map[string]bool{}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		if ok, why := p.Ready(); !ok {
+			t.Fatalf("after the snapshot: not ready (%s)", why)
+		}
+	}
 }

@@ -30,17 +30,34 @@ type pod struct {
 // AddPod enrolls a local workload whose network namespace has capture
 // installed: 15001, 15006 and 15008 open inside it. The proxy keeps its own
 // copy of ns; the caller may close its handle.
+//
+// A pod xDS does not know yet is taken too, as ztunnel takes it: on
+// Kubernetes the node agent enrolls a pod during its CNI ADD, before the
+// pod has an IP in the API server, so before the control plane can send
+// it. Its address is read from its namespace; its connections are refused
+// (no source workload, no certificate) until xDS brings it. A pod xDS
+// places on another node is refused.
 func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	ix := p.index.Load()
 	w := ix.WorkloadByUID(uid)
-	if w == nil || !p.isLocal(w) {
-		return fmt.Errorf("proxy: add pod %s: not a workload of this node", uid)
+	if w != nil && !p.isLocal(w) {
+		return fmt.Errorf("proxy: add pod %s: a workload of node %q, not of this node", uid, w.Node)
+	}
+	var ip netip.Addr
+	if w != nil {
+		ip = w.IPs[0]
+	} else {
+		var err error
+		if ip, err = addressIn(ns); err != nil {
+			return fmt.Errorf("proxy: add pod %s (not in xDS yet): %w", uid, err)
+		}
+		p.log.Info("pod added before xDS has it; its traffic waits for xDS", "uid", uid, "ip", ip.String())
 	}
 	dup, err := unix.Dup(int(ns))
 	if err != nil {
 		return fmt.Errorf("proxy: add pod %s: %w", uid, err)
 	}
-	pd := &pod{uid: uid, ip: w.IPs[0], ns: netns.NsHandle(dup)}
+	pd := &pod{uid: uid, ip: ip, ns: netns.NsHandle(dup)}
 	// Added again (the agent resends its snapshot when the proxy
 	// reconnects): the old listeners go first, or the new ones could not bind.
 	p.mu.Lock()
@@ -90,6 +107,38 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	}
 	p.log.Info("pod enrolled", "uid", uid, "ip", pd.ip.String())
 	return nil
+}
+
+// addressIn is the pod's address: the first global unicast address on an
+// interface of its namespace, IPv4 first.
+func addressIn(ns netns.NsHandle) (netip.Addr, error) {
+	var found []netip.Addr
+	err := nsutil.Do(ns, func() error {
+		addrs, err := net.InterfaceAddrs() // a netlink socket in this thread's namespace
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if n, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap().IsGlobalUnicast() {
+					found = append(found, ip.Unmap())
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("the pod's addresses: %w", err)
+	}
+	for _, ip := range found {
+		if ip.Is4() {
+			return ip, nil
+		}
+	}
+	if len(found) > 0 {
+		return found[0], nil
+	}
+	return netip.Addr{}, errors.New("the pod's namespace has no address yet")
 }
 
 // RemovePod closes a pod's listeners; its connections in flight finish.
@@ -229,8 +278,10 @@ func (h zdsHandler) Keep(string) error { return nil }
 
 func (h zdsHandler) Del(uid string) error { return h.p.RemovePod(uid) }
 
-// SnapshotDone removes pods the agent no longer has.
+// SnapshotDone removes pods the agent no longer has; the first makes the
+// proxy ready (Options.ZDS).
 func (h zdsHandler) SnapshotDone(sent map[string]bool) error {
+	defer h.p.zdsSynced.Store(true)
 	h.p.mu.Lock()
 	var gone []string
 	for _, pd := range h.p.pods {

@@ -68,6 +68,14 @@ type Options struct {
 	// AdminIP is where admin, metrics and readiness listen: default
 	// 127.0.0.1, or the workload's IP in dedicated mode.
 	AdminIP netip.Addr
+	// ZDS says pods come from a node agent over ZDS: the proxy is not
+	// ready before the agent's first snapshot (ztunnel's rule: a pod
+	// enrolled before then would find no one serving it).
+	ZDS bool
+	// ProbeIP, if set, is where readiness and metrics listen instead (the
+	// kubelet's probes and Prometheus reach the pod's IP; the admin port,
+	// with its config dump, stays local, as ztunnel keeps it).
+	ProbeIP netip.Addr
 	Ports   Ports
 
 	Certs *identity.Manager
@@ -100,6 +108,8 @@ type Proxy struct {
 	poller *relay.Poller // idle sockets wait here, not in goroutines; nil: goroutines (set by Run)
 	dials  dialLimits
 	health listener.Health // the listeners that cannot accept now, for readiness
+	// zdsSynced: the node agent's first snapshot is in (see Options.ZDS).
+	zdsSynced atomic.Bool
 
 	rndMu sync.Mutex
 	rnd   *rand.Rand
@@ -249,6 +259,9 @@ func (p *Proxy) Ready() (bool, string) {
 	if failing, why := p.health.Failing(); failing {
 		return false, why
 	}
+	if p.opts.ZDS && !p.zdsSynced.Load() {
+		return false, "waiting for the node agent's snapshot (ZDS)"
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for id := range p.tracked {
@@ -303,6 +316,13 @@ func (p *Proxy) adminIP() netip.Addr {
 	return netip.MustParseAddr("127.0.0.1")
 }
 
+func (p *Proxy) probeIP() netip.Addr {
+	if p.opts.ProbeIP.IsValid() {
+		return p.opts.ProbeIP
+	}
+	return p.adminIP()
+}
+
 // Run opens every listener and serves until ctx ends, then drains: HBONE
 // connections get GOAWAY, live connections are given a moment to finish.
 func (p *Proxy) Run(ctx context.Context) error {
@@ -324,8 +344,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 		{"outbound", p.ports.Outbound, ip, p.serveCaptured},
 		{"inbound", p.ports.Inbound, ip, p.servePlaintextInbound},
 		{"admin", p.ports.Admin, p.adminIP(), p.serveAdmin},
-		{"metrics", p.ports.Metrics, p.adminIP(), p.serveMetrics},
-		{"readiness", p.ports.Ready, p.adminIP(), p.serveReady},
+		{"metrics", p.ports.Metrics, p.probeIP(), p.serveMetrics},
+		{"readiness", p.ports.Ready, p.probeIP(), p.serveReady},
 	}
 	var ls []net.Listener
 	closeAll := func() {

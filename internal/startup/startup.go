@@ -39,8 +39,8 @@ type Options struct {
 	// serves the workloads of a node. Exactly one is set.
 	Workload string
 	Node     string
-	// ListenIP: see proxy.Options (shared mode; default 127.0.0.1).
-	ListenIP netip.Addr
+	// ListenIP and ProbeIP: see proxy.Options.
+	ListenIP, ProbeIP netip.Addr
 
 	Local        *Local
 	ControlPlane *ControlPlane
@@ -173,7 +173,7 @@ func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, c
 	}
 	initial := views.Latest()
 	p, err := proxy.New(proxy.Options{
-		Workload: o.Workload, Node: o.Node, ListenIP: o.ListenIP,
+		Workload: o.Workload, Node: o.Node, ListenIP: o.ListenIP, ProbeIP: o.ProbeIP, ZDS: o.ZDSSocket != "",
 		Certs: certs, HBONE: o.HBONE, Log: o.Log, LogLevel: o.LogLevel,
 		Metrics: telemetry.NewMetrics(o.Version), Version: o.Version,
 	}, initial)

@@ -7,3 +7,19 @@ app.kubernetes.io/part-of: ambit
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
+
+
+{{/* The API server's address, where the cluster has no kube-proxy to route
+its ClusterIP (the in-cluster config reads these two variables). */}}
+{{- define "ambit.apiServerEnv" -}}
+{{- if .Values.kubernetesServiceHost }}
+env:
+- {name: KUBERNETES_SERVICE_HOST, value: {{ .Values.kubernetesServiceHost | quote }}}
+- {name: KUBERNETES_SERVICE_PORT, value: {{ .Values.kubernetesServicePort | default "443" | quote }}}
+{{- end }}
+{{- end -}}
+
+{{/* Where the node proxies reach the control plane (CA and xDS). */}}
+{{- define "ambit.xdsAddress" -}}
+{{ .Values.node.xdsAddress | default (printf "ambit-control.%s.svc:15012" .Release.Namespace) }}
+{{- end -}}
