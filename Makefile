@@ -27,7 +27,8 @@ FUZZ_TARGETS := \
 	./internal/socks5:FuzzHandshake \
 	./internal/trace:FuzzDecodeTCP \
 	./internal/xds:FuzzDeltaMessages \
-	./internal/kubesource:FuzzTranslate
+	./internal/kubesource:FuzzTranslate \
+	./internal/cni:FuzzParse
 
 FORTIO_VERSION ?= v1.68.2
 STATICCHECK_VERSION ?= v0.8.2

@@ -120,6 +120,24 @@ func TestMeshOnARealCluster(t *testing.T) {
 		t.Errorf("the proxies' access logs show no HBONE hop to %s:15008:\n%s", server.Status.PodIP, logs)
 	}
 
+	// ambit trace on the cluster: the same request hop by hop, from the
+	// machine that holds the nodes (kubectl's network: the API server's).
+	traceDir := filepath.Join(work, "trace")
+	tr, err := c.InWire(ctx, nil, ambit, "trace", "--kubeconfig", c.Kubeconfig, "--from", "demo/client", "--to", server.Status.PodIP+":8080", "--out", traceDir)
+	if err != nil {
+		t.Fatalf("ambit trace: %v\n%s", err, tr)
+	}
+	for _, want := range []string{"1. client pod, lo", "2. client pod, eth0", "3. node master's uplink (eth0)", "4. server pod, eth0", "5. server pod, lo",
+		"answer: HTTP/1.1 200 OK", ":15008", "== the proxy of node worker1 said", "connection complete"} {
+		if !strings.Contains(string(tr), want) {
+			t.Errorf("ambit trace's account lacks %q:\n%s", want, tr)
+		}
+	}
+	if pcaps, _ := filepath.Glob(filepath.Join(traceDir, "*.pcap")); len(pcaps) != 5 {
+		t.Errorf("ambit trace wrote %d pcaps, want one per hop (5): %v", len(pcaps), pcaps)
+	}
+	t.Logf("ambit trace on the cluster:\n%s", tr)
+
 	// A Service's ClusterIP: no kube-proxy here, so only the mesh routes it.
 	e.kubectl("-n", "demo", "create", "service", "clusterip", "server", "--tcp=80:8080")
 	svc, err := kc.CoreV1().Services("demo").Get(ctx, "server", metav1.GetOptions{})

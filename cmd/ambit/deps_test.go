@@ -70,7 +70,7 @@ var allowed = map[string]struct{ internal, external []string }{
 	"internal/lab":   {internal: []string{"ambient", "capture", "config", "identity", "nodeagent", "nsutil"}, external: []string{"github.com/vishvananda/netlink", "github.com/vishvananda/netns", "go.yaml.in/yaml/v3"}},
 	"internal/trace": {internal: []string{"nsutil"}, external: []string{"github.com/vishvananda/netns", "golang.org/x/sys/unix"}},
 	"internal/bench": {internal: []string{"ambient", "identity", "lab", "nsutil"}, external: []string{"github.com/vishvananda/netns"}},
-	"internal/demo":  {internal: []string{"ambient", "capture", "hbone", "identity", "lab", "nsutil", "relay", "trace"}, external: []string{"github.com/vishvananda/netns"}},
+	"internal/demo":  {internal: []string{"ambient", "capture", "hbone", "identity", "kube", "kubenode", "lab", "nsutil", "relay", "trace"}, external: []string{"github.com/vishvananda/netns"}},
 	// A real etcd and kube-apiserver for tests, with client-go's clients
 	// as the reference writer: linked by tests only.
 	// and the seed's two-node cluster on the lab's network.

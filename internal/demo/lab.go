@@ -33,9 +33,17 @@ type LabOptions struct {
 // hop is one place the demo watches.
 type hop struct {
 	title string
-	ns    string // namespace name
+	ns    string // the network namespace, as shown: a name, or a path
 	iface string
 	file  string
+	path  string // the namespace's file when ns is not a name in /run/netns
+}
+
+func (h hop) nsPath() string {
+	if h.path != "" {
+		return h.path
+	}
+	return filepath.Join("/run/netns", h.ns)
 }
 
 // RunLab is `make demo`: the seed's request for real, in the lab, shown hop
@@ -98,7 +106,6 @@ func RunLab(w io.Writer, o LabOptions) error {
 // both proxies said. It returns the answer's status line and body, and the
 // problems it saw (plaintext between pods, an empty hop).
 func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, outDir string) (status, body string, problems []string, err error) {
-	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
 	src := topo.Pod(from)
 	if src == nil {
 		return "", "", nil, fmt.Errorf("trace: no pod %q in lab %q", from, topo.Name)
@@ -109,27 +116,14 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 	}
 	wirePort := fmt.Sprintf("n%d", topo.NodeIndex(src.Node))
 	hops := []hop{
-		{fmt.Sprintf("1. %s pod, lo: the app's plain connection, captured to the proxy's 15001", src.Name), topo.PodNamespace(src.Name), "lo", "1-" + src.Name + "-pod-lo.pcap"},
-		{fmt.Sprintf("2. %s pod, eth0: %s's proxy tunnels it, HBONE from the pod's own IP", src.Name, src.Node), topo.PodNamespace(src.Name), "eth0", "2-" + src.Name + "-pod-eth0.pcap"},
-		{fmt.Sprintf("3. the wire between the nodes (%s's port on it)", src.Node), "ambit-" + topo.Name + "-wire", wirePort, "3-wire.pcap"},
-		{fmt.Sprintf("4. %s pod, eth0: HBONE arrives at %s's proxy (15008, never redirected)", to.Name, to.Node), topo.PodNamespace(to.Name), "eth0", "4-" + to.Name + "-pod-eth0.pcap"},
-		{fmt.Sprintf("5. %s pod, lo: the proxy delivers to the app from the client's IP", to.Name), topo.PodNamespace(to.Name), "lo", "5-" + to.Name + "-pod-lo.pcap"},
+		{fmt.Sprintf("1. %s pod, lo: the app's plain connection, captured to the proxy's 15001", src.Name), topo.PodNamespace(src.Name), "lo", "1-" + src.Name + "-pod-lo.pcap", ""},
+		{fmt.Sprintf("2. %s pod, eth0: %s's proxy tunnels it, HBONE from the pod's own IP", src.Name, src.Node), topo.PodNamespace(src.Name), "eth0", "2-" + src.Name + "-pod-eth0.pcap", ""},
+		{fmt.Sprintf("3. the wire between the nodes (%s's port on it)", src.Node), "ambit-" + topo.Name + "-wire", wirePort, "3-wire.pcap", ""},
+		{fmt.Sprintf("4. %s pod, eth0: HBONE arrives at %s's proxy (15008, never redirected)", to.Name, to.Node), topo.PodNamespace(to.Name), "eth0", "4-" + to.Name + "-pod-eth0.pcap", ""},
+		{fmt.Sprintf("5. %s pod, lo: the proxy delivers to the app from the client's IP", to.Name), topo.PodNamespace(to.Name), "lo", "5-" + to.Name + "-pod-lo.pcap", ""},
 	}
 	if src.Node == to.Node {
 		hops = append(hops[:2], hops[3:]...) // same node: nothing crosses the wire
-	}
-	var caps []*trace.Capture
-	for _, h := range hops {
-		ns, err := netns.GetFromName(h.ns)
-		if err != nil {
-			return "", "", nil, err
-		}
-		c, err := trace.Start(ns, h.iface)
-		ns.Close()
-		if err != nil {
-			return "", "", nil, err
-		}
-		caps = append(caps, c)
 	}
 	mark := map[string]int{}
 	nodes := []string{src.Node}
@@ -139,10 +133,56 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 	for _, n := range nodes {
 		mark[n] = len(readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log")))
 	}
+	return runTrace(w, traceSpec{
+		hops: hops, from: src.Name, fromNS: filepath.Join("/run/netns", topo.PodNamespace(src.Name)), dst: dst, outDir: outDir,
+		meshOnly: src.InMesh() && to.InMesh(), nodes: nodes,
+		proxyLog: func(node string) []string {
+			lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+node+".log"))
+			return lines[min(mark[node], len(lines)):]
+		},
+	})
+}
+
+// traceSpec is one trace: where to watch, what to send, whose account.
+type traceSpec struct {
+	hops     []hop
+	from     string // the source pod, as shown
+	fromNS   string // its network namespace's file: the request is sent from there
+	dst      netip.AddrPort
+	outDir   string
+	meshOnly bool     // both ends in the mesh: plain HTTP off loopback is a problem
+	nodes    []string // whose proxy's account to show
+	// proxyLog is what node's proxy has logged since the trace began.
+	proxyLog func(node string) []string
+}
+
+// runTrace starts the captures, sends the request, and shows each hop's
+// packets (writing a pcap per hop) and what the proxies said.
+func runTrace(w io.Writer, t traceSpec) (status, body string, problems []string, err error) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+	hops, dst, outDir := t.hops, t.dst, t.outDir
+	var caps []*trace.Capture
+	defer func() {
+		for _, c := range caps {
+			c.Stop() // the ones not stopped yet; a second Stop is a no-op
+		}
+	}()
+	for _, h := range hops {
+		ns, err := netns.GetFromPath(h.nsPath())
+		if err != nil {
+			return "", "", nil, fmt.Errorf("trace: %s: %w", h.ns, err)
+		}
+		c, err := trace.Start(ns, h.iface)
+		ns.Close()
+		if err != nil {
+			return "", "", nil, err
+		}
+		caps = append(caps, c)
+	}
 
 	p("\n== the request")
 	start := time.Now()
-	status, body, err = request(topo.PodNamespace(src.Name), dst)
+	status, body, err = request(t.fromNS, dst)
 	time.Sleep(300 * time.Millisecond) // let the last FIN/ACKs land
 	var packets [][]trace.Packet
 	for _, c := range caps {
@@ -151,7 +191,7 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 	if err != nil {
 		return "", "", nil, fmt.Errorf("the request failed: %w", err)
 	}
-	p("%s pod:  GET / HTTP/1.1  Host: %s", src.Name, dst.Addr())
+	p("%s pod:  GET / HTTP/1.1  Host: %s", t.from, dst.Addr())
 	p("answer:      %s", status)
 	p("body:        %s", strings.TrimSpace(body))
 
@@ -177,7 +217,7 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 			return "", "", nil, err
 		}
 		p("  -> %s (%d packets; open it in Wireshark)", path, len(pk))
-		if h.iface != "lo" && src.InMesh() && to.InMesh() { // between mesh pods only TLS may travel
+		if h.iface != "lo" && t.meshOnly { // between mesh pods only TLS may travel
 			for _, x := range pk {
 				if trace.PlaintextHTTP(x) {
 					problems = append(problems, "plaintext HTTP seen at hop "+fmt.Sprint(i+1))
@@ -192,18 +232,17 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 	said := map[string][]string{} // node -> its log lines since the request
 	for end := time.Now().Add(2 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		logged := 0
-		for _, n := range nodes {
-			lines := readFile(filepath.Join(lab.StateDir(topo.Name), "proxy-"+n+".log"))
-			said[n] = lines[min(mark[n], len(lines)):]
+		for _, n := range t.nodes {
+			said[n] = t.proxyLog(n)
 			if slices.ContainsFunc(said[n], func(l string) bool { return strings.Contains(l, "connection complete") }) {
 				logged++
 			}
 		}
-		if logged == len(nodes) || time.Now().After(end) {
+		if logged == len(t.nodes) || time.Now().After(end) {
 			break
 		}
 	}
-	for _, n := range nodes {
+	for _, n := range t.nodes {
 		p("\n== the proxy of node %s said", n)
 		for _, l := range said[n] {
 			if strings.Contains(l, "msg=\"outbound") || strings.Contains(l, "msg=\"inbound") || strings.Contains(l, "connection complete") {
@@ -217,7 +256,7 @@ func Trace(w io.Writer, topo *lab.Topology, from string, dst netip.AddrPort, out
 // request sends the seed's request from inside the pod and returns the
 // status line and body.
 func request(podNS string, dst netip.AddrPort) (status, body string, err error) {
-	h, err := netns.GetFromName(podNS)
+	h, err := netns.GetFromPath(podNS)
 	if err != nil {
 		return "", "", err
 	}

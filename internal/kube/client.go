@@ -382,6 +382,22 @@ func (c *Client) ApplyConfigMap(ctx context.Context, ns, name, fieldManager stri
 	return c.do(ctx, http.MethodPatch, ConfigMaps.Path(ns)+"/"+url.PathEscape(name), q, "application/apply-patch+yaml", body, nil)
 }
 
+// PodLog is a container's log lines since a time (the kubelet's, through
+// the API server's pods/log).
+func (c *Client) PodLog(ctx context.Context, ns, pod, container string, since time.Time) ([]string, error) {
+	q := url.Values{"container": {container}, "sinceTime": {since.UTC().Format(time.RFC3339)}}
+	resp, err := c.request(ctx, http.MethodGet, Pods.Path(ns)+"/"+url.PathEscape(pod)+"/log", q, "", nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(strings.TrimRight(string(b), "\n"), "\n"), nil
+}
+
 // Get reads one object from the API server (not a cache) into out: for
 // an object an informer has not seen yet. ns is "" for a cluster-scoped
 // resource.

@@ -18,6 +18,11 @@ import (
 // pinned file for that namespace (in netnsDir) when there is one, which
 // outlives any one container; else the process's /proc entry.
 func findNetns(procDir, netnsDir, podUID string) (string, error) {
+	return PodNetns(procDir, netnsDir, podUID)
+}
+
+// PodNetns is findNetns for other tools (ambit trace on a cluster).
+func PodNetns(procDir, netnsDir, podUID string) (string, error) {
 	if podUID == "" {
 		return "", errors.New("the pod has no UID")
 	}

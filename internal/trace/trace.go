@@ -28,10 +28,11 @@ type Packet struct {
 
 // Capture records every frame on one interface of one namespace.
 type Capture struct {
-	iface string
-	fd    int
-	stop  chan struct{}
-	done  chan struct{}
+	stopOnce sync.Once // Stop may be called again; it returns the same packets
+	iface    string
+	fd       int
+	stop     chan struct{}
+	done     chan struct{}
 
 	mu      sync.Mutex
 	packets []Packet
@@ -96,9 +97,11 @@ func (c *Capture) loop() {
 
 // Stop ends the capture and returns what it saw.
 func (c *Capture) Stop() []Packet {
-	close(c.stop)
-	<-c.done
-	unix.Close(c.fd)
+	c.stopOnce.Do(func() {
+		close(c.stop)
+		<-c.done
+		unix.Close(c.fd)
+	})
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.packets
