@@ -9,7 +9,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,6 +69,13 @@ func TestMeshOnARealCluster(t *testing.T) {
 		_, err := e.c.Kubectl(ctx, "get", "authorizationpolicies", "-A")
 		return err
 	})
+	// A mesh namespace and a pod in it that runs before Ambit is there.
+	e.kubectl("create", "namespace", "demo")
+	e.kubectl("label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
+	for _, sa := range []string{"client", "server", "early"} {
+		e.kubectl("-n", "demo", "create", "serviceaccount", sa)
+	}
+	early := e.pod("demo", "early", "worker1", "early", "serve", ":8080")
 	e.kubectl("create", "namespace", "ambit-system")
 	e.kubectl("-n", "ambit-system", "create", "secret", "generic", "ambit-ca", "--from-file="+filepath.Join(work, "ca"))
 	master := c.Node("master").Addr.String()
@@ -88,11 +97,8 @@ func TestMeshOnARealCluster(t *testing.T) {
 	}
 
 	// Two pods in an ambient namespace, created after the install: the
-	// CNI plugin enrolls them during their ADD.
-	e.kubectl("create", "namespace", "demo")
-	e.kubectl("label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
-	e.kubectl("-n", "demo", "create", "serviceaccount", "client")
-	e.kubectl("-n", "demo", "create", "serviceaccount", "server")
+	// CNI plugin enrolls them during their ADD. (The namespace, and a pod
+	// that ran before Ambit, were made before the install: above.)
 	server := e.pod("demo", "server", "worker1", "server", "serve", ":8080")
 	client := e.pod("demo", "client", "master", "client", "pause")
 	for _, p := range []*corev1.Pod{server, client} {
@@ -119,6 +125,55 @@ func TestMeshOnARealCluster(t *testing.T) {
 	if !strings.Contains(logs, "dst.hbone_addr="+server.Status.PodIP+":15008") {
 		t.Errorf("the proxies' access logs show no HBONE hop to %s:15008:\n%s", server.Status.PodIP, logs)
 	}
+
+	// The pod that ran before the install was enrolled when the agent
+	// started (found through /proc) and is reached through the mesh.
+	e.eventually("the early pod enrolled", func() error {
+		p, err := kc.CoreV1().Pods("demo").Get(ctx, "early", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if v := p.Annotations["ambient.istio.io/redirection"]; v != "enabled" {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	before := strings.Count(e.kubectl("-n", "ambit-system", "logs", e.nodePod("worker1"), "-c", "proxy"), "dst.workload=early")
+	if out := e.exec("demo", "client", "/testapp", "get", "http://"+early.Status.PodIP+":8080/"); !strings.Contains(out, wantPeer) {
+		t.Errorf("to the pod that ran before the install: %q", out)
+	}
+	e.eventually("worker1's proxy's record of the request to the early pod", func() error {
+		if n := strings.Count(e.kubectl("-n", "ambit-system", "logs", e.nodePod("worker1"), "-c", "proxy"), "dst.workload=early"); n <= before {
+			return fmt.Errorf("%d records", n)
+		}
+		return nil
+	})
+
+	// The agent restarted alone (its container killed): the proxy keeps
+	// serving the node's pods, a live connection through it survives, and
+	// new connections work while the agent is away and after.
+	live := e.hold("demo", "client", server.Status.PodIP+":8080")
+	restarts := e.containerRestarts("worker1", "agent")
+	e.killContainer("worker1", "node-agent")
+	if out := e.exec("demo", "client", "/testapp", "get", serverURL); !strings.Contains(out, wantPeer) {
+		t.Errorf("while worker1's agent restarts: %q", out)
+	}
+	e.eventually("worker1's agent restarted", func() error {
+		if n := e.containerRestarts("worker1", "agent"); n <= restarts {
+			return fmt.Errorf("%d restarts", n)
+		}
+		return nil
+	})
+	e.waitDaemonSet("ambit-system", "ambit-node", len(c.Nodes))
+	select {
+	case <-live.done:
+		t.Errorf("a live connection ended when the agent restarted:\n%s", live.out.String())
+	default:
+	}
+	if out := e.exec("demo", "client", "/testapp", "get", serverURL); !strings.Contains(out, wantPeer) {
+		t.Errorf("after worker1's agent restarted: %q", out)
+	}
+	live.stop()
 
 	// ambit trace on the cluster: the same request hop by hop, from the
 	// machine that holds the nodes (kubectl's network: the API server's).
@@ -452,6 +507,7 @@ func (e *env) authzCRD() []byte {
 type held struct {
 	done chan struct{}
 	out  *strings.Builder
+	stop func()
 }
 
 func (e *env) hold(ns, pod, addr string) *held {
@@ -487,7 +543,8 @@ func (e *env) hold(ns, pod, addr string) *held {
 		}
 	}()
 	go func() { _ = cmd.Wait(); close(h.done) }() // ends with the command
-	e.t.Cleanup(func() { _ = cmd.Process.Kill(); <-h.done })
+	h.stop = func() { _ = cmd.Process.Kill(); <-h.done }
+	e.t.Cleanup(h.stop)
 	select {
 	case <-up:
 	case <-h.done:
@@ -568,4 +625,45 @@ func (e *env) onlyHBONE(where string, packets []trace.Packet, a, b string) {
 	if seen == 0 {
 		e.t.Errorf("%s: no segment between %s and %s was captured", where, a, b)
 	}
+}
+
+func (e *env) containerRestarts(node, container string) int32 {
+	e.t.Helper()
+	p, err := e.kc.CoreV1().Pods("ambit-system").Get(e.ctx, e.nodePod(node), metav1.GetOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, cs := range p.Status.ContainerStatuses {
+		if cs.Name == container {
+			return cs.RestartCount
+		}
+	}
+	return 0
+}
+
+// killContainer SIGKILLs the process of the node pod on node whose
+// command line has arg (the image has no shell: from the host, by the
+// pod's cgroup).
+func (e *env) killContainer(node, arg string) {
+	e.t.Helper()
+	p, err := e.kc.CoreV1().Pods("ambit-system").Get(e.ctx, e.nodePod(node), metav1.GetOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+	for _, f := range procs {
+		cg, err := os.ReadFile(f)
+		if err != nil || !strings.Contains(string(cg), "pod"+string(p.UID)) {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join(filepath.Dir(f), "cmdline"))
+		if strings.Contains(string(cmdline), arg) {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+				e.t.Fatal(err)
+			}
+			return
+		}
+	}
+	e.t.Fatalf("no process %q in pod %s", arg, p.Name)
 }
