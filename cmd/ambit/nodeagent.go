@@ -68,6 +68,7 @@ pods that already run, and writes ambient.istio.io/redirection on each.`,
 	f.StringVar(&ko.CNI.BinDir, "cni-bin-dir", "/opt/cni/bin", "with --kubernetes: the node's CNI plugin directory")
 	f.StringVar(&ko.CNI.ConfDir, "cni-conf-dir", "/etc/cni/net.d", "with --kubernetes: the node's CNI configuration directory")
 	f.StringVar(&ko.Socket, "cni-socket", cni.DefaultAgentSocket, "with --kubernetes: where the plugin reaches the agent (a host path)")
+	f.BoolVar(&ko.CNI.Conf.FailOpen, "cni-fail-open", false, "with --kubernetes: a mesh pod the agent cannot enroll starts un-meshed instead of failing (default: fail closed)")
 	f.StringVar(&exclude, "exclude-namespaces", "kube-system", "with --kubernetes: namespaces never enrolled, comma-separated (the agent's own always is)")
 	return cmd
 }

@@ -79,7 +79,8 @@ func (in *Installation) Install() (string, bool, error) {
 		AgentSocket       string     `json:"agentSocket,omitempty"`
 		ExcludeNamespaces []string   `json:"excludeNamespaces,omitempty"`
 		Kubernetes        *APIAccess `json:"kubernetes,omitempty"`
-	}{PluginType, in.Conf.AgentSocket, in.Conf.ExcludeNamespaces, in.Conf.Kubernetes})
+		FailOpen          bool       `json:"failOpen,omitempty"`
+	}{PluginType, in.Conf.AgentSocket, in.Conf.ExcludeNamespaces, in.Conf.Kubernetes, in.Conf.FailOpen})
 	if err != nil {
 		return file, false, err
 	}

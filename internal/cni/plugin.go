@@ -55,6 +55,10 @@ type Conf struct {
 	// Kubernetes is how to reach the API server when the agent does not
 	// answer; the agent keeps the token file current.
 	Kubernetes *APIAccess `json:"kubernetes,omitempty"`
+	// FailOpen lets a mesh pod the agent cannot enroll start un-meshed
+	// (logged) instead of failing its ADD. Off by default: fail closed, as
+	// istio-cni does.
+	FailOpen bool `json:"failOpen,omitempty"`
 }
 
 // APIAccess is the API server's address, its CA and a token, as files on
@@ -142,10 +146,23 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	if err := add(context.Background(), conf, ev, res); err != nil {
+	if err := addOrFailOpen(context.Background(), conf, ev, res, os.Stderr); err != nil {
 		return err
 	}
 	return types.PrintResult(res, conf.CNIVersion)
+}
+
+// addOrFailOpen is add, with the configuration's failure policy: closed
+// (the error fails the ADD), or open (said on log, the pod starts
+// un-meshed). Nothing is half done either way: the agent rolls back what
+// it did before it answers with an error.
+func addOrFailOpen(ctx context.Context, conf *Conf, ev *Event, res *current.Result, log io.Writer) error {
+	err := add(ctx, conf, ev, res)
+	if err != nil && conf.FailOpen {
+		fmt.Fprintf(log, "%v; the pod starts OUTSIDE the mesh (failOpen)\n", err)
+		return nil
+	}
+	return err
 }
 
 // add enrolls the pod, or decides it needs no enrolling.

@@ -118,4 +118,17 @@ func TestAddWithoutTheAgent(t *testing.T) {
 	if err := add(ctx, conf, &Event{PodName: "b", PodNamespace: "plain"}, res); err == nil {
 		t.Error("no agent and no API server: the pod started; want fail closed")
 	}
+	// failOpen: the mesh pod starts, un-meshed, and the log says so.
+	conf.FailOpen = true
+	var log strings.Builder
+	if err := addOrFailOpen(ctx, conf, &Event{PodName: "a", PodNamespace: "mesh"}, res, &log); err != nil {
+		t.Errorf("failOpen: %v, want the pod to start", err)
+	}
+	if !strings.Contains(log.String(), "OUTSIDE the mesh") || !strings.Contains(log.String(), "mesh/a") {
+		t.Errorf("failOpen's log line: %q", log.String())
+	}
+	conf.FailOpen = false
+	if err := addOrFailOpen(ctx, conf, &Event{PodName: "a", PodNamespace: "mesh"}, res, &log); err == nil {
+		t.Error("fail closed (the default) let the pod start")
+	}
 }

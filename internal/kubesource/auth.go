@@ -2,10 +2,16 @@ package kubesource
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/ambitmesh/ambit/internal/control"
 	"github.com/ambitmesh/ambit/internal/kube"
@@ -36,6 +42,91 @@ type Auth struct {
 	Pod func(key string) *kube.Pod
 	// Trusted are the node proxies' accounts, "namespace/name".
 	Trusted []string
+
+	// The API server's favourable verdicts, by the token's SHA-256 (the
+	// token itself is not kept), for reviewTTL or until the token expires:
+	// a node's many calls (a stream per resource type, a certificate per
+	// workload, the renewals) cost one TokenReview a minute, not one each,
+	// which is what lets thousands of nodes share one API server. Refusals
+	// are not kept: a refused token is asked about again. What follows the
+	// review (the pod still there, with the same uid, on its node) is
+	// checked on every call, so a deleted pod's token stops working at once.
+	mu      sync.Mutex
+	reviews map[[32]byte]cachedReview
+	asked   atomic.Int64
+}
+
+// reviewTTL bounds how long a verdict is reused (the API server's own
+// webhook token cache keeps an authenticated one for 2 minutes).
+const reviewTTL = time.Minute
+
+// maxReviews bounds the cache; past it, expired entries go first, then all.
+const maxReviews = 10000
+
+type cachedReview struct {
+	status *kube.TokenReviewStatus
+	until  time.Time
+}
+
+// Reviews is how many TokenReviews Authenticate has sent.
+func (a *Auth) Reviews() int64 { return a.asked.Load() }
+
+// review is the API server's verdict on token, from the cache when it can.
+func (a *Auth) review(ctx context.Context, token string) (*kube.TokenReviewStatus, error) {
+	sum := sha256.Sum256([]byte(token))
+	now := time.Now()
+	a.mu.Lock()
+	if c, ok := a.reviews[sum]; ok && now.Before(c.until) {
+		a.mu.Unlock()
+		return c.status, nil
+	}
+	a.mu.Unlock()
+	a.asked.Add(1)
+	st, err := a.Client.ReviewToken(ctx, token, []string{Audience})
+	if err != nil || !st.Authenticated {
+		return st, err
+	}
+	until := now.Add(reviewTTL)
+	if exp, ok := tokenExpiry(token); ok && exp.Before(until) {
+		until = exp
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.reviews == nil {
+		a.reviews = map[[32]byte]cachedReview{}
+	}
+	if len(a.reviews) >= maxReviews {
+		for k, c := range a.reviews {
+			if !now.Before(c.until) {
+				delete(a.reviews, k)
+			}
+		}
+		if len(a.reviews) >= maxReviews {
+			clear(a.reviews)
+		}
+	}
+	a.reviews[sum] = cachedReview{status: st, until: until}
+	return st, nil
+}
+
+// tokenExpiry reads a JWT's exp claim, unverified: only to bound how long
+// the API server's verdict on it is reused, never to trust it.
+func tokenExpiry(token string) (time.Time, bool) {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return time.Time{}, false
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return time.Time{}, false
+	}
+	var claims struct {
+		Exp int64 `json:"exp"`
+	}
+	if json.Unmarshal(payload, &claims) != nil || claims.Exp == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(claims.Exp, 0), true
 }
 
 // ParseAccounts reads --trusted-node-accounts: "ns/sa" separated by commas.
@@ -60,7 +151,7 @@ func ParseAccounts(s string) ([]string, error) {
 
 // Authenticate implements control.Authenticator.
 func (a *Auth) Authenticate(ctx context.Context, token string) (control.Caller, error) {
-	st, err := a.Client.ReviewToken(ctx, token, []string{Audience})
+	st, err := a.review(ctx, token)
 	if err != nil {
 		return control.Caller{}, fmt.Errorf("TokenReview: %w", err)
 	}

@@ -77,6 +77,17 @@ func TestNodeProxiesAuthenticateByTokenReview(t *testing.T) {
 	if err != nil || caller != (control.Caller{Node: "worker1", Namespace: "ambit-system", ServiceAccount: "ambit-node"}) {
 		t.Fatalf("a node proxy's projected token: %+v, %v; want worker1's", caller, err)
 	}
+	// The verdict is reused: more calls with the same token send no more
+	// TokenReviews; a refused token is asked about every time.
+	asked := auth.Reviews()
+	for i := 0; i < 5; i++ {
+		if _, err := auth.Authenticate(ctx, good); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := auth.Reviews(); n != asked {
+		t.Errorf("5 more calls with one token sent %d more TokenReviews, want 0 (cached)", n-asked)
+	}
 	now := time.Now()
 	refusals := []struct {
 		what, token string
@@ -95,7 +106,8 @@ func TestNodeProxiesAuthenticateByTokenReview(t *testing.T) {
 			control.ErrPermissionDenied, "service account demo/sneaky is not a node proxy's (trusted: ambit-system/ambit-node)"},
 		{"no token at all", "garbage.not.ajwt", control.ErrUnauthenticated, "token refused by the API server"},
 	}
-	for _, r := range refusals {
+	asked = auth.Reviews()
+	for _, r := range append(refusals, refusals...) {
 		_, err := auth.Authenticate(ctx, r.token)
 		if !errors.Is(err, r.want) || !strings.Contains(err.Error(), r.msg) {
 			t.Errorf("%s: %v; want %v saying %q", r.what, err, r.want, r.msg)
@@ -103,6 +115,33 @@ func TestNodeProxiesAuthenticateByTokenReview(t *testing.T) {
 			t.Logf("%s: refused: %v", r.what, err)
 		}
 	}
+
+	// The API server's refusals are asked about each time; a token it
+	// authenticates (then refused by the checks after it) once.
+	want := int64(0)
+	for _, r := range refusals {
+		if strings.Contains(r.msg, "token refused by the API server") {
+			want += 2
+		} else {
+			want++
+		}
+	}
+	if n := auth.Reviews() - asked; n != want {
+		t.Errorf("%d refused calls sent %d TokenReviews, want %d (the API server's refusals are not cached)", 2*len(refusals), n, want)
+	}
+	// A cached verdict does not outlive the pod its token is bound to.
+	proxy3 := podSpec{ns: "ambit-system", name: "ambit-node-w1b", sa: "ambit-node", node: "worker1", ips: []string{"10.244.1.9"}, ready: true}.run(t, api)
+	t3 := token(t, api, "ambit-system", "ambit-node", []string{"istio-ca"}, proxy3)
+	if _, err := auth.Authenticate(ctx, t3); err != nil {
+		t.Fatal(err)
+	}
+	if err := api.Kube.CoreV1().Pods("ambit-system").Delete(ctx, proxy3.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "the deleted pod's token refused", func() bool {
+		_, err := auth.Authenticate(ctx, t3)
+		return errors.Is(err, control.ErrUnauthenticated)
+	})
 
 	// The control plane with it: node scoping on the CA, the same
 	// authentication on xDS.
