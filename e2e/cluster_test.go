@@ -277,6 +277,7 @@ spec:
 
 	// Uninstall: the pods stay and work, out of the mesh; the nodes' CNI
 	// configuration is as it was, byte for byte.
+	e.followAgentLogs() // the agents' account of the uninstall, shown if the test fails
 	e.helm("uninstall", "ambit", "--namespace", "ambit-system", "--wait", "--timeout", "3m")
 	e.waitGone("ambit-system", "app=ambit-node")
 	for _, n := range c.Nodes {
@@ -309,11 +310,31 @@ spec:
 }
 
 type env struct {
-	t    *testing.T
-	ctx  context.Context
-	c    *kubetest.Cluster
-	kc   *kubernetes.Clientset
-	work string
+	t         *testing.T
+	ctx       context.Context
+	c         *kubetest.Cluster
+	kc        *kubernetes.Clientset
+	work      string
+	agentLogs string // followed by followAgentLogs, if it ran
+}
+
+// followAgentLogs streams the node agents' logs to a file until the test
+// ends: their pods are gone by the time a failure is reported.
+func (e *env) followAgentLogs() {
+	e.t.Helper()
+	e.agentLogs = filepath.Join(e.work, "agents.log")
+	f, err := os.Create(e.agentLogs)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+e.c.WireNS, "--", filepath.Join(kubetest.BinDir(), "kubectl"),
+		"--kubeconfig", e.c.Kubeconfig, "-n", "ambit-system", "logs", "-f", "-l", "app=ambit-node", "-c", "agent", "--prefix", "--tail=20")
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); f.Close() })
 }
 
 func (e *env) kubectl(args ...string) string {
@@ -448,6 +469,24 @@ func (e *env) dumpOnFailure() {
 	} {
 		out, err := e.c.Kubectl(e.ctx, args...)
 		e.t.Logf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	if e.agentLogs != "" {
+		b, _ := os.ReadFile(e.agentLogs)
+		e.t.Logf("the node agents during the uninstall:\n%s", b)
+	}
+	// What capture is left in the test pods' namespaces.
+	if pods, err := e.kc.CoreV1().Pods("demo").List(e.ctx, metav1.ListOptions{}); err == nil {
+		for _, p := range pods.Items {
+			procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+			for _, f := range procs {
+				if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "pod"+string(p.UID)) {
+					out, _ := exec.Command("nsenter", "--net="+filepath.Join(filepath.Dir(f), "ns", "net"), "--", "nft", "list", "ruleset").CombinedOutput()
+					rules, _ := exec.Command("nsenter", "--net="+filepath.Join(filepath.Dir(f), "ns", "net"), "--", "ip", "rule").CombinedOutput()
+					e.t.Logf("pod %s (%s): nft:\n%s\nip rule:\n%s", p.Name, p.Status.PodIP, out, rules)
+					break
+				}
+			}
+		}
 	}
 	for _, tag := range []string{"master-kubelet", "worker1-kubelet", "master-containerd"} {
 		e.t.Logf("%s:\n%s", tag, e.c.Log(tag, 3000))

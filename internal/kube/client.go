@@ -115,6 +115,10 @@ func IsGone(err error) bool { return hasStatus(err, http.StatusGone) }
 // IsNotFound: the object, or the whole resource, is not there (404).
 func IsNotFound(err error) bool { return hasStatus(err, http.StatusNotFound) }
 
+// IsForbidden reports an API server's 403: the caller's RBAC does not
+// allow it (or no longer does).
+func IsForbidden(err error) bool { return hasStatus(err, http.StatusForbidden) }
+
 // hasStatus: err is the API server's answer with this HTTP status.
 func hasStatus(err error, code int32) bool {
 	var ae *APIError

@@ -184,7 +184,7 @@ func (n *Node) Run(ctx context.Context) error {
 			// Uninstalled: act now, while the agent's RBAC may still be
 			// there (helm deletes it right after the DaemonSet), and do
 			// nothing more until stopped.
-			if gone, _ := n.uninstalling(); gone {
+			if gone, _ := n.uninstalling(ctx); gone {
 				n.shutdown()
 				<-ctx.Done()
 				return nil
@@ -526,39 +526,28 @@ func (n *Node) shutdown() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	uninstall, why := n.uninstalling()
+	uninstall, why := n.uninstalling(ctx)
 	if !uninstall {
 		n.opts.Log.Info("stopping; pods stay in the mesh", "why", why)
 		return
 	}
 	n.uninstalled = true
 	n.opts.Log.Info("uninstalling: pods leave the mesh, ambit-cni leaves the CNI configuration", "why", why)
-	// The annotations first, all at once: the API calls race helm's
-	// removal of the agent's RBAC. Then what is local to the node.
-	pods := n.Enrolled()
-	var wg sync.WaitGroup
-	for _, key := range pods {
-		wg.Add(1)
-		go func() { // ends with its one PATCH (ctx bounds it)
-			defer wg.Done()
-			ns, name, _ := strings.Cut(key, "/")
-			if err := n.client.AnnotatePod(ctx, ns, name, map[string]*string{ambient.RedirectionAnnotation: nil}); err != nil && !kube.IsNotFound(err) {
-				n.opts.Log.Warn("removing the redirection annotation", "pod", key, "err", err)
-			}
-		}()
+	// Each pod's capture goes first (its traffic flows direct from then
+	// on, whatever the proxy, which is stopping too, does), then the
+	// proxy is told, then its annotation goes (an API call that races
+	// helm's removal of the agent's RBAC).
+	for _, key := range n.Enrolled() {
+		n.unenroll(ctx, key, true)
 	}
-	wg.Wait()
 	if err := n.opts.CNI.Uninstall(); err != nil {
 		n.opts.Log.Error("removing ambit-cni", "err", err)
-	}
-	for _, key := range pods {
-		n.unenroll(ctx, key, false)
 	}
 	_ = os.Remove(filepath.Join(n.opts.StateDir, "token"))
 	_ = os.Remove(filepath.Join(n.opts.StateDir, "ca.crt"))
 }
 
-func (n *Node) uninstalling() (bool, string) {
+func (n *Node) uninstalling(ctx context.Context) (bool, string) {
 	if n.ownerKey == "" {
 		return false, "the agent's DaemonSet is not known"
 	}
@@ -574,6 +563,26 @@ func (n *Node) uninstalling() (bool, string) {
 	case ds.Metadata.DeletionTimestamp != nil:
 		return true, "DaemonSet " + n.ownerKey + " is being deleted"
 	case ds.Metadata.UID != n.ownerUID:
+		return true, "DaemonSet " + n.ownerKey + " was replaced"
+	}
+	// The watch may not have told yet (or be down, relisting): ask. A 403
+	// is an answer too: the agent's RBAC, part of the same release, is
+	// gone, and without it the agent can do nothing for the pods anyway.
+	ns, name, _ := strings.Cut(n.ownerKey, "/")
+	var got kube.DaemonSet
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := n.client.Get(ctx, kube.DaemonSets, ns, name, &got)
+	switch {
+	case kube.IsNotFound(err):
+		return true, "DaemonSet " + n.ownerKey + " is gone"
+	case kube.IsForbidden(err):
+		return true, "DaemonSet " + n.ownerKey + " may no longer be read: the agent's RBAC is gone with it"
+	case err != nil:
+		return false, fmt.Sprintf("DaemonSet %s cannot be read (%v): taken as a restart", n.ownerKey, err)
+	case got.Metadata.DeletionTimestamp != nil:
+		return true, "DaemonSet " + n.ownerKey + " is being deleted"
+	case got.Metadata.UID != n.ownerUID:
 		return true, "DaemonSet " + n.ownerKey + " was replaced"
 	}
 	return false, "DaemonSet " + n.ownerKey + " stays (a restart)"

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -89,6 +90,13 @@ func TestClusterCarriesPodTraffic(t *testing.T) {
 		t.Errorf("the server's answer %q does not show the client's pod IP (want %q)", out, want)
 	}
 	t.Logf("seed's request across nodes: %s", strings.TrimSpace(string(out)))
+	// The pod bridge keeps its own address with pods plugged in: one the
+	// kernel picks follows the lowest port's, and a pod going would then
+	// leave every pod of the node with a stale ARP entry for its gateway.
+	link, err := exec.Command("ip", "-n", c.Node("worker1").NetNS, "link", "show", "cni0").CombinedOutput()
+	if err != nil || !strings.Contains(string(link), "02:a0:0a:f4:01:01") {
+		t.Errorf("worker1's cni0: %s %v; want the fixed address 02:a0:0a:f4:01:01", link, err)
+	}
 
 	down()
 	c = nil

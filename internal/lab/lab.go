@@ -99,7 +99,13 @@ func setupNode(t *Topology, i int, node, wire netns.NsHandle) error {
 		if err := upWithAddr(h, "eth0", underlay(i)); err != nil {
 			return err
 		}
-		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "cni0"}}
+		// A fixed address for the bridge: one left to the kernel follows the
+		// lowest of its ports' and changes when that port goes, and every
+		// pod's ARP entry for its gateway is then wrong for half a minute
+		// (seen on the Kubernetes cluster: a node pod replaced cut the
+		// node's pods off for 30 s).
+		gw := n.Gateway().As4()
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "cni0", HardwareAddr: net.HardwareAddr{0x02, 0xa0, gw[0], gw[1], gw[2], gw[3]}}}
 		if err := h.LinkAdd(br); err != nil {
 			return fmt.Errorf("pod bridge: %w", err)
 		}

@@ -97,7 +97,7 @@ func (a *Agent) Enroll(p Pod) error {
 	return nil
 }
 
-// Unenroll tells the proxy to let go of the pod and removes its capture:
+// Unenroll removes the pod's capture and tells the proxy to let go of it:
 // its next connections go direct.
 func (a *Agent) Unenroll(uid string) error {
 	a.mu.Lock()
@@ -108,15 +108,17 @@ func (a *Agent) Unenroll(uid string) error {
 	if p == nil {
 		return fmt.Errorf("unenroll %s: not enrolled", uid)
 	}
+	// Capture first: the pod's next connections go direct at once, even
+	// if the proxy is slow to answer (or stopping).
 	var errs []error
+	if ns, err := netns.GetFromPath(p.NSPath); err == nil {
+		errs = append(errs, capture.Remove(ns, a.Capture))
+		ns.Close()
+	}
 	if pc != nil {
 		if err := pc.request(a, &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Del{Del: &zdsapi.DelWorkload{Uid: uid}}}, -1); err != nil {
 			errs = append(errs, fmt.Errorf("proxy: %w", err))
 		}
-	}
-	if ns, err := netns.GetFromPath(p.NSPath); err == nil {
-		errs = append(errs, capture.Remove(ns, a.Capture))
-		ns.Close()
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("unenroll %s: %w", uid, err)
