@@ -138,7 +138,7 @@ k8s-bins:
 # plane on the lab's wire (internal/kubetest). `make k8s-down` removes all
 # of it. kubectl: `go run ./tools/k8scluster kubectl -- get pods -A`.
 k8s-up: deps k8s-bins image
-	K8S_BIN=$(K8S_BIN) $(GO) run ./tools/k8scluster up -image bin/ambit-image.tar
+	K8S_BIN=$(K8S_BIN) $(GO) run ./tools/k8scluster up -image bin/ambit-image.tar -ambit-tag $(VERSION)
 
 k8s-down:
 	K8S_BIN=$(K8S_BIN) $(GO) run ./tools/k8scluster down

@@ -38,8 +38,10 @@ func main() {
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
 	name := fs.String("name", "ambit", "the cluster's name")
 	var imgs images
+	tag := ""
 	if os.Args[1] == "up" {
 		fs.Var(&imgs, "image", "an OCI layout tar to import on every node (repeatable)")
+		fs.StringVar(&tag, "ambit-tag", "", "the tag of Ambit's image among them, for the install hint")
 	}
 	_ = fs.Parse(os.Args[2:])
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -50,9 +52,19 @@ func main() {
 		var c *kubetest.Cluster
 		c, err = kubetest.UpCluster(ctx, kubetest.ClusterSpec{Name: *name, Images: imgs, Log: os.Stdout})
 		if err == nil {
-			fmt.Printf("\nThe API server is %s, in the network namespace %s.\n", c.APIServer, c.WireNS)
-			fmt.Printf("  %s kubectl -- get nodes -o wide\n", filepath.Base(os.Args[0]))
-			fmt.Printf("  nsenter --net=/run/netns/%s -- %s --kubeconfig %s get pods -A\n", c.WireNS, filepath.Join(kubetest.BinDir(), "kubectl"), c.Kubeconfig)
+			kubectl := fmt.Sprintf("nsenter --net=/run/netns/%s -- %s --kubeconfig %s", c.WireNS, filepath.Join(kubetest.BinDir(), "kubectl"), c.Kubeconfig)
+			fmt.Printf("\nThe API server is %s, in the network namespace %s:\n", c.APIServer, c.WireNS)
+			fmt.Printf("  go run ./tools/k8scluster kubectl -- get nodes -o wide\n  %s get pods -A\n", kubectl)
+			if tag != "" {
+				host, port, _ := strings.Cut(strings.TrimPrefix(c.APIServer, "https://"), ":")
+				fmt.Printf("\nAmbit on it (no kube-proxy, no DNS here: the control plane on master's network):\n")
+				fmt.Printf("  ./bin/ambit ca init --dir ca && %s create namespace ambit-system\n", kubectl)
+				fmt.Printf("  %s -n ambit-system create secret generic ambit-ca --from-file=ca/\n", kubectl)
+				fmt.Printf("  KUBECONFIG=%s nsenter --net=/run/netns/%s -- helm install ambit deploy/helm/ambit -n ambit-system \\\n", c.Kubeconfig, c.WireNS)
+				fmt.Printf("    --set image.tag=%s --set image.pullPolicy=Never --set control.hostNetwork=true \\\n", tag)
+				fmt.Printf("    --set control.nodeSelector.kubernetes\\.io/hostname=master --set node.xdsAddress=%s:15012 \\\n", c.Node("master").Addr)
+				fmt.Printf("    --set kubernetesServiceHost=%s --set kubernetesServicePort=%s\n", host, port)
+			}
 			fmt.Printf("Remove it with `make k8s-down`.\n")
 		}
 	case "down":
