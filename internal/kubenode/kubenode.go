@@ -134,10 +134,12 @@ func New(client *kube.Client, server string, agent *nodeagent.Agent, opts Option
 // its conflist), and a reconcile after every change.
 func (n *Node) Run(ctx context.Context) error {
 	log := n.opts.Log
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	// The informers end with ctx: cancelled first, then waited for (the
+	// defers run the other way round), on every return.
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	runs := []func(context.Context) error{n.pods.Run, n.namespaces.Run}
 	if err := n.findOwner(ctx); err != nil {
 		log.Warn("the agent's DaemonSet is not known: a stop will never be taken for an uninstall", "err", err)
