@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -127,6 +128,49 @@ func TestControlFlagErrors(t *testing.T) {
 	} {
 		if _, err := run(t, c.args...); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("ambit %s: %v; want %q", strings.Join(c.args, " "), err, c.want)
+		}
+	}
+}
+
+// TestNodeAgentFlagErrors: the agent takes its pods from one place, the
+// lab's API or Kubernetes, and says so; the CNI plugin's name runs the
+// plugin, which refuses a call with no CNI environment.
+func TestNodeAgentFlagErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{"node-agent"},
+		{"node-agent", "--control", filepath.Join(t.TempDir(), "c.sock"), "--kubernetes"},
+	} {
+		if _, err := run(t, args...); err == nil || !strings.Contains(err.Error(), "give one of --control") {
+			t.Errorf("%v: %v, want an error naming the two ways", args, err)
+		}
+	}
+	// Under the plugin's name the binary speaks CNI (this test binary
+	// stands in for ambit: TestMain runs main for AMBIT_TEST_AS_MAIN).
+	plugin := filepath.Join(t.TempDir(), "ambit-cni")
+	if err := os.Symlink(os.Args[0], plugin); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(plugin)
+	cmd.Env = append(os.Environ(), "CNI_COMMAND=VERSION")
+	cmd.Stdin = strings.NewReader(`{"cniVersion": "1.0.0"}`)
+	if out, err := cmd.Output(); err != nil || !strings.Contains(string(out), `"supportedVersions"`) || !strings.Contains(string(out), `"1.0.0"`) {
+		t.Errorf("ambit-cni VERSION: %s, %v", out, err)
+	}
+	// Run by a person (no CNI_COMMAND), it says what it is.
+	if out, err := exec.Command(plugin).CombinedOutput(); err != nil || !strings.Contains(string(out), "ambit-cni: enrolls pods in Ambit's mesh") {
+		t.Errorf("ambit-cni without a CNI environment: %s, %v", out, err)
+	}
+	cmd = exec.Command(plugin)
+	cmd.Env = append(os.Environ(), "CNI_COMMAND=ADD")
+	cmd.Stdin = strings.NewReader(`{"cniVersion": "1.0.0", "name": "k8s", "type": "ambit-cni"}`)
+	if out, err := cmd.Output(); err == nil || !strings.Contains(string(out), "CNI_") {
+		t.Errorf("ambit-cni ADD without its variables: %s, %v; want the CNI error naming the one missing", out, err)
+	}
+	if os.Geteuid() == 0 {
+		// Not in a pod and no --kubeconfig: said, before anything is touched.
+		t.Setenv("KUBERNETES_SERVICE_HOST", "")
+		if _, err := run(t, "node-agent", "--kubernetes", "--node-name", "n1"); err == nil || !strings.Contains(err.Error(), "not in a pod") {
+			t.Errorf("--kubernetes outside a pod: %v", err)
 		}
 	}
 }
