@@ -25,11 +25,16 @@ import (
 
 const imageRef = "ambitmesh/ambit:e2e"
 
-// TestMeshOnARealCluster: helm install of the chart on the seed's cluster;
-// two pods in an ambient namespace enrolled through ambit-cni; the seed's
-// request from one to the other, the server seeing the client's pod IP;
-// helm uninstall leaving the pods working un-meshed and the nodes' CNI
-// configuration as it was.
+// TestMeshOnARealCluster: helm install of the chart on the seed's
+// two-node cluster, with the image `make image` builds, then in turn: a
+// pod that ran before the install enrolled through /proc; new pods in an
+// ambient namespace enrolled through ambit-cni; the seed's request from
+// one to the other as TLS to 15008 only (captured on the pod's interface
+// and the wire), the server seeing the client's pod IP; `ambit trace` of
+// it; the agent killed alone (a live connection survives); a ClusterIP
+// through the mesh; a DENY policy closing a live connection; the node pod
+// replaced; a pod deleted and unenrolled; helm uninstall leaving the pods
+// working un-meshed and the nodes' CNI configuration as it was.
 func TestMeshOnARealCluster(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root (a cluster: namespaces, mounts, cgroups); `make test` runs as root")
