@@ -139,11 +139,18 @@ func (p *Poller) Connect(ctx context.Context, fd int, sa unix.Sockaddr) (*Socket
 		defer t.Stop()
 	}
 	// Close wakes the wait below, which then fails on the closed socket.
-	stop := context.AfterFunc(ctx, func() { s.Close() })
+	cancelled := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { s.Close(); close(cancelled) })
 	fail := func(err error) (*Socket, error) {
 		s.Close()
-		if !stop() && ctx.Err() == context.Canceled {
-			return nil, fmt.Errorf("relay: connect: %w", ctx.Err())
+		if !stop() {
+			// The cancellation's Close is under way in its own goroutine:
+			// let it end, so the descriptor is gone when Connect returns
+			// (seen under load: one still open just after).
+			<-cancelled
+			if ctx.Err() == context.Canceled {
+				return nil, fmt.Errorf("relay: connect: %w", ctx.Err())
+			}
 		}
 		return nil, err
 	}
