@@ -128,7 +128,7 @@ deps:
 
 # etcd and the Kubernetes components from the Go module proxy into
 # $(K8S_BIN), once: the control plane's tests run against the API server,
-# the cluster tests against all of them (about 10 minutes cold on two
+# the cluster tests against all of them (13.5 minutes cold on two
 # cores, then cached).
 k8s-bins:
 	GO=$(GO) scripts/k8s-bins.sh $(K8S_VERSION) $(ETCD_VERSION) $(K8S_BIN)
