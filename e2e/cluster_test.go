@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/kubenode"
 	"github.com/ambitmesh/ambit/internal/kubetest"
 	"github.com/ambitmesh/ambit/internal/trace"
 	"github.com/vishvananda/netns"
@@ -482,14 +483,10 @@ func (e *env) dumpOnFailure() {
 	// What capture is left in the test pods' namespaces.
 	if pods, err := e.kc.CoreV1().Pods("demo").List(e.ctx, metav1.ListOptions{}); err == nil {
 		for _, p := range pods.Items {
-			procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
-			for _, f := range procs {
-				if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "pod"+string(p.UID)) {
-					out, _ := exec.Command("nsenter", "--net="+filepath.Join(filepath.Dir(f), "ns", "net"), "--", "nft", "list", "ruleset").CombinedOutput()
-					rules, _ := exec.Command("nsenter", "--net="+filepath.Join(filepath.Dir(f), "ns", "net"), "--", "ip", "rule").CombinedOutput()
-					e.t.Logf("pod %s (%s): nft:\n%s\nip rule:\n%s", p.Name, p.Status.PodIP, out, rules)
-					break
-				}
+			if path, err := kubenode.PodNetns("/proc", "", string(p.UID)); err == nil {
+				out, _ := exec.Command("nsenter", "--net="+path, "--", "nft", "list", "ruleset").CombinedOutput()
+				rules, _ := exec.Command("nsenter", "--net="+path, "--", "ip", "rule").CombinedOutput()
+				e.t.Logf("pod %s (%s): nft:\n%s\nip rule:\n%s", p.Name, p.Status.PodIP, out, rules)
 			}
 		}
 	}
@@ -612,24 +609,20 @@ func (e *env) nodePod(node string) string {
 	return ""
 }
 
-// podNetns is a running pod's network namespace, from the host: a process
-// whose cgroup names the pod's UID.
+// podNetns is a running pod's network namespace, found from the host as
+// the node agent finds it (kubenode.PodNetns).
 func (e *env) podNetns(p *corev1.Pod) netns.NsHandle {
 	e.t.Helper()
-	procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
-	for _, f := range procs {
-		b, err := os.ReadFile(f)
-		if err != nil || !strings.Contains(string(b), "pod"+string(p.UID)) {
-			continue
-		}
-		h, err := netns.GetFromPath(filepath.Join(filepath.Dir(f), "ns", "net"))
-		if err == nil {
-			e.t.Cleanup(func() { h.Close() })
-			return h
-		}
+	path, err := kubenode.PodNetns("/proc", "", string(p.UID))
+	if err != nil {
+		e.t.Fatalf("pod %s/%s: %v", p.Namespace, p.Name, err)
 	}
-	e.t.Fatalf("no process of pod %s/%s found", p.Namespace, p.Name)
-	return netns.None()
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { h.Close() })
+	return h
 }
 
 func (e *env) nodeNetns(node string) netns.NsHandle {

@@ -79,6 +79,11 @@ func (o *Options) fill() {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
+	// The agent's own namespace is never enrolled, and the plugin never
+	// asks about it: the agent's pod must start while no agent runs.
+	if ns := o.PodNamespace; ns != "" && !slices.Contains(o.CNI.Conf.ExcludeNamespaces, ns) {
+		o.CNI.Conf.ExcludeNamespaces = append(slices.Clone(o.CNI.Conf.ExcludeNamespaces), ns)
+	}
 }
 
 // Node is the agent on one node.
@@ -238,9 +243,6 @@ func (n *Node) install(ctx context.Context) error {
 	}
 	conf := &n.opts.CNI.Conf
 	conf.AgentSocket = n.opts.Socket
-	if ns := n.opts.PodNamespace; ns != "" && !slices.Contains(conf.ExcludeNamespaces, ns) {
-		conf.ExcludeNamespaces = append(conf.ExcludeNamespaces, ns) // the agent's own pod starts without it
-	}
 	if n.server != "" && n.account != "" {
 		if err := n.refreshToken(ctx); err != nil {
 			// The plugin then fails closed for every pod while the agent is
@@ -400,7 +402,7 @@ func (n *Node) wanted(pod *kube.Pod, ns *kube.Namespace) bool {
 	if pod.Spec.HostNetwork || pod.Metadata.DeletionTimestamp != nil {
 		return false
 	}
-	if pod.Metadata.Namespace == n.opts.PodNamespace || slices.Contains(n.opts.CNI.Conf.ExcludeNamespaces, pod.Metadata.Namespace) {
+	if slices.Contains(n.opts.CNI.Conf.ExcludeNamespaces, pod.Metadata.Namespace) {
 		return false
 	}
 	var nsLabels map[string]string
