@@ -37,9 +37,13 @@ ETCD_VERSION ?= v3.7.3
 HELM_VERSION ?= v4.3.2
 # Kubernetes components built from the module proxy, cached across runs.
 K8S_BIN ?= $(HOME)/.cache/ambit/k8s-$(K8S_VERSION)
+# Istio's components (istiod, istio-cni, istioctl), the drop-in tests'
+# peers, from the istio.io/istio module go.mod requires; cached likewise.
+ISTIO_VERSION ?= $(shell awk '$$1 == "istio.io/istio" {print $$2}' go.mod)
+ISTIO_BIN ?= $(HOME)/.cache/ambit/istio-$(ISTIO_VERSION)
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 
-.PHONY: helm manifests all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins k8s-up k8s-down
+.PHONY: helm manifests all build image demo test unit fuzz-smoke fuzz bench bench-smoke bench-tools lint deps clean k8s-bins istio-bins k8s-up k8s-down
 
 all: build
 
@@ -60,8 +64,8 @@ demo: build  ## the seed's request in a lab, hop by hop (root)
 # integration tests under the race detector.
 test: deps lint fuzz-smoke bench-smoke unit
 
-unit: k8s-bins helm
-	K8S_BIN=$(K8S_BIN) HELM=$(GOBIN)/helm $(GO) test -race -count=1 ./...
+unit: k8s-bins istio-bins helm
+	K8S_BIN=$(K8S_BIN) ISTIO_BIN=$(ISTIO_BIN) HELM=$(GOBIN)/helm $(GO) test -race -count=1 ./...
 
 fuzz-smoke:
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZSMOKE) FUZZMINTIME=200x
@@ -132,6 +136,9 @@ deps:
 # cores, then cached).
 k8s-bins:
 	GO=$(GO) scripts/k8s-bins.sh $(K8S_VERSION) $(ETCD_VERSION) $(K8S_BIN)
+
+istio-bins:
+	GO=$(GO) scripts/istio-bins.sh $(ISTIO_VERSION) $(ISTIO_BIN)
 
 # The seed's cluster, master and worker1, on this machine (root): each node
 # a kubelet with its own containerd in namespaces of its own, the control

@@ -37,30 +37,8 @@ const imageRef = "ambitmesh/ambit:e2e"
 // replaced; a pod deleted and unenrolled; helm uninstall leaving the pods
 // working un-meshed and the nodes' CNI configuration as it was.
 func TestMeshOnARealCluster(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("needs root (a cluster: namespaces, mounts, cgroups); `make test` runs as root")
-	}
-	ctx := context.Background()
-	work := t.TempDir()
-	img, err := kubetest.AmbitImage(ctx, work, imageRef)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := kubetest.UpCluster(ctx, kubetest.ClusterSpec{Name: "e2e", Images: []string{img}, Log: logWriter{t}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := kubetest.DownCluster("e2e"); err != nil {
-			t.Error(err)
-		}
-	})
-	kc, err := c.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &env{t: t, ctx: ctx, c: c, kc: kc, work: work}
-	t.Cleanup(e.dumpOnFailure)
+	e := upCluster(t, "e2e")
+	ctx, c, kc, work := e.ctx, e.c, e.kc, e.work
 	confBefore := e.conflists()
 
 	// The CA, as the chart's README says: `ambit ca init`, then a Secret.
@@ -218,23 +196,7 @@ func TestMeshOnARealCluster(t *testing.T) {
 
 	// A DENY policy applied with kubectl closes a live connection it now
 	// denies, and refuses new ones; removed, traffic flows again.
-	hold := e.hold("demo", "client", server.Status.PodIP+":8080")
-	e.applyFile("deny.yaml", []byte(`apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: demo}
-spec:
-  selector: {matchLabels: {app: server}}
-  action: DENY
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
-`))
-	applied := time.Now()
-	select {
-	case <-hold.done:
-		t.Logf("the live connection was closed %v after kubectl apply of the DENY policy", time.Since(applied).Round(time.Millisecond))
-	case <-time.After(30 * time.Second):
-		t.Fatalf("a DENY policy did not close the live connection it denies (30 s)\n%s", hold.out.String())
-	}
+	t.Logf("the live connection was closed %v after kubectl apply of the DENY policy", e.denyClosesLiveConnection(server.Status.PodIP))
 	if out, err := e.c.Kubectl(ctx, "-n", "demo", "exec", "client", "--", "/testapp", "get", serverURL); err == nil {
 		t.Errorf("a denied request went through: %s", out)
 	}
@@ -326,6 +288,38 @@ type env struct {
 
 // followAgentLogs streams the node agents' logs to a file until the test
 // ends: their pods are gone by the time a failure is reported.
+// upCluster brings up the seed's two-node cluster under name, with the
+// image `make image` builds loaded on its nodes; it comes down when the
+// test ends, after a dump of what ran if the test failed.
+func upCluster(t *testing.T, name string) *env {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (a cluster: namespaces, mounts, cgroups); `make test` runs as root")
+	}
+	ctx := context.Background()
+	work := t.TempDir()
+	img, err := kubetest.AmbitImage(ctx, work, imageRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := kubetest.UpCluster(ctx, kubetest.ClusterSpec{Name: name, Images: []string{img}, Log: logWriter{t}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := kubetest.DownCluster(name); err != nil {
+			t.Error(err)
+		}
+	})
+	kc, err := c.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, ctx: ctx, c: c, kc: kc, work: work}
+	t.Cleanup(e.dumpOnFailure)
+	return e
+}
+
 func (e *env) followAgentLogs() {
 	e.t.Helper()
 	e.agentLogs = filepath.Join(e.work, "agents.log")
@@ -541,6 +535,32 @@ func (e *env) authzCRD() []byte {
 		e.t.Fatal(err)
 	}
 	return doc
+}
+
+// denyClosesLiveConnection holds a connection from demo/client to the
+// server at serverIP:8080, applies a DENY policy for the client's identity
+// on the server with kubectl, and returns how long the connection lived
+// after (failing the test past 30 s).
+func (e *env) denyClosesLiveConnection(serverIP string) time.Duration {
+	e.t.Helper()
+	hold := e.hold("demo", "client", serverIP+":8080")
+	e.applyFile("deny.yaml", []byte(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
+`))
+	applied := time.Now()
+	select {
+	case <-hold.done:
+		return time.Since(applied).Round(time.Millisecond)
+	case <-time.After(30 * time.Second):
+		e.t.Fatalf("a DENY policy did not close the live connection it denies (30 s)\n%s", hold.out.String())
+	}
+	return 0
 }
 
 // held is a connection held open from a pod (testapp hold) by a kubectl

@@ -89,6 +89,11 @@ func (m *cpMesh) startProxies(t *testing.T, cp string, extra ...string) {
 		args := []string{"proxy", "--workload", p.wl, "--xds-address", cp, "--ca-address", cp, "--token-file", filepath.Join(dir, p.tok), "--root-cert", root}
 		m.start(append(args, extra...)...)
 	}
+	m.waitReady(t)
+}
+
+// waitReady waits until both proxies say they are ready.
+func (m *cpMesh) waitReady(t *testing.T) {
 	for _, a := range []string{m.ip(10), m.ip(20)} {
 		testutilWait(t, "proxy "+a+" ready", func() bool {
 			resp, err := http.Get("http://" + a + ":15021/healthz/ready")
@@ -272,4 +277,65 @@ func socksRequest(proxyIP string, dst []byte) *net.TCPConn {
 	}
 	c.SetReadDeadline(time.Time{})
 	return c.(*net.TCPConn)
+}
+
+// With no mesh flags the proxy runs from ztunnel's environment: here the
+// client proxy, dedicated (PROXY_MODE, PROXY_WORKLOAD_INFO), on the control
+// plane named by XDS_ADDRESS and CA_ADDRESS, trusting XDS_ROOT_CA, with the
+// token of AUTH_TOKEN; the server proxy beside it runs from flags. The
+// request crosses the mesh between them.
+func TestProxyFromZtunnelEnvironment(t *testing.T) {
+	m := newCPMesh(t, 175+os.Getpid()%25)
+	cp := m.ip(1) + ":15012"
+	m.start("control", "--config", m.cfg, "--ca-dir", m.caDir, "--tokens", m.tokens, "--listen", cp)
+	dir := filepath.Dir(m.tokens)
+	for k, v := range map[string]string{
+		"PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "default/client/client",
+		"XDS_ADDRESS": "https://" + cp, "CA_ADDRESS": cp, "XDS_ROOT_CA": filepath.Join(m.caDir, "root-cert.pem"),
+		"CA_ROOT_CA": filepath.Join(m.caDir, "root-cert.pem"), "AUTH_TOKEN": filepath.Join(dir, "a.token"),
+		"INSTANCE_IP": m.ip(10), "RUST_LOG": "info", "RUST_BACKTRACE": "1", "NODE_NAME": "node-a",
+	} {
+		t.Setenv(k, v)
+	}
+	// --probe-ip still applies: readiness on every address would collide
+	// with the other tests' proxies on this machine.
+	m.start("proxy", "ztunnel", "--probe-ip", m.ip(10))
+	m.start("proxy", "--workload", "default/server", "--xds-address", cp, "--ca-address", cp,
+		"--token-file", filepath.Join(dir, "b.token"), "--root-cert", filepath.Join(m.caDir, "root-cert.pem"))
+	m.waitReady(t)
+	c := socks(t, m.ip(10), m.ip(20)+":8080")
+	defer c.Close()
+	c.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo through the mesh from an environment-configured proxy: %q %v", buf, err)
+	}
+}
+
+// The environment's errors name the variable; an argument other than
+// ztunnel's role is refused; one mesh flag means flags mode.
+func TestProxyEnvironmentErrors(t *testing.T) {
+	t.Setenv("NODE_NAME", "")
+	t.Setenv("PROXY_MODE", "")
+	for _, c := range []struct {
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{nil, []string{"proxy", "sidecar"}, `the only one taken is "ztunnel"`},
+		{nil, []string{"proxy", "ztunnel"}, "NODE_NAME is not set"},
+		{map[string]string{"NODE_NAME": "n", "CRL_PATH": "/crl"}, []string{"proxy"}, `CRL_PATH="/crl"`},
+		{map[string]string{"NODE_NAME": "n", "XDS_ADDRESS": "http://istiod:15010"}, []string{"proxy"}, "the token must not travel in clear"},
+		{map[string]string{"NODE_NAME": "n"}, []string{"proxy", "--node", "n"}, "or none of the mesh flags"},
+	} {
+		for k, v := range c.env {
+			t.Setenv(k, v)
+		}
+		if _, err := run(t, c.args...); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v with %v: %v, want %q", c.args, c.env, err, c.want)
+		}
+		for k := range c.env {
+			t.Setenv(k, "")
+		}
+	}
 }

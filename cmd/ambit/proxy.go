@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -42,6 +43,13 @@ logged and the last good config stays.
 listener to its IP (run several on 127.0.0.x without root); --node NAME serves
 all workloads of a node.
 
+With none of --config, --xds-address, --workload or --node, the proxy
+configures itself from ztunnel's environment, as Istio's ztunnel chart sets it
+(XDS_ADDRESS, CA_ADDRESS, NODE_NAME, POD_NAME, ...; docs/drop-in.md lists
+them all): "ambit proxy ztunnel" is what that chart's DaemonSet runs. In
+every mode the proxy is a ztunnel to the control plane: its xDS node id is
+ztunnel~INSTANCE_IP~POD_NAME.POD_NAMESPACE~POD_NAMESPACE.svc.cluster.local.
+
 The proxy collects garbage at GOGC=` + fmt.Sprint(proxyGCPercent) + ` unless GOGC is set in its
 environment: its hot path allocates ~100 bytes per request, so a tighter heap
 costs little CPU and keeps the memory of idle connections down.`
@@ -49,17 +57,23 @@ costs little CPU and keeps the memory of idle connections down.`
 func newProxyCmd() *cobra.Command {
 	var pf proxyFlags
 	cmd := &cobra.Command{
-		Use:   "proxy --config FILE --ca-dir DIR (--workload NS/NAME | --node NAME)",
-		Short: "Run the node proxy from a ztunnel-format local config",
+		Use:   "proxy [ztunnel] [--config FILE --ca-dir DIR | --xds-address ... ] [--workload NS/NAME | --node NAME]",
+		Short: "Run the node proxy (from flags, or from ztunnel's environment)",
 		Long:  proxyLong,
-		Args:  cobra.NoArgs,
+		Args: func(_ *cobra.Command, args []string) error {
+			// ztunnel's chart runs "proxy ztunnel": the role, its only one.
+			if len(args) > 1 || len(args) == 1 && args[0] != "ztunnel" {
+				return fmt.Errorf("unexpected arguments %q: the only one taken is \"ztunnel\" (ztunnel's role name)", args)
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Getenv("GOGC") == "" {
 				debug.SetGCPercent(proxyGCPercent)
 			}
 			lw := telemetry.NewLogWriter(os.Stderr, 100*time.Millisecond)
 			defer lw.Close()
-			o, err := pf.options(lw)
+			o, err := pf.options(cmd, lw, os.Environ())
 			if err != nil {
 				return err
 			}
@@ -101,19 +115,20 @@ func (pf *proxyFlags) register(cmd *cobra.Command) {
 	cmd.MarkFlagsRequiredTogether("xds-address", "ca-address", "token-file", "root-cert")
 	cmd.MarkFlagsMutuallyExclusive("config", "xds-address")
 	cmd.MarkFlagsMutuallyExclusive("ca-dir", "ca-address")
-	cmd.MarkFlagsOneRequired("config", "xds-address")
 	cmd.MarkFlagsMutuallyExclusive("workload", "node")
-	cmd.MarkFlagsOneRequired("workload", "node")
 }
 
+// meshFlags are the flags that say what mesh and role the proxy has; with
+// none of them set, ztunnel's environment does.
+var meshFlags = []string{"config", "ca-dir", "xds-address", "ca-address", "token-file", "root-cert", "workload", "node", "zds-socket"}
+
 // options checks what cobra's flag groups cannot and makes the Options,
-// the logger writing to w included.
-func (pf *proxyFlags) options(w *telemetry.LogWriter) (startup.Options, error) {
-	o := pf.opts
-	if pf.local.ConfigFile != "" {
-		o.Local = &pf.local
-	} else {
-		o.ControlPlane = &pf.remote
+// the logger writing to w included: from the flags, or (none of the mesh
+// flags set) from ztunnel's environment.
+func (pf *proxyFlags) options(cmd *cobra.Command, w *telemetry.LogWriter, environ []string) (startup.Options, error) {
+	o, fromEnv, ignored, err := pf.mesh(cmd, environ)
+	if err != nil {
+		return o, err
 	}
 	if err := checkHBONETimers(o.HBONE); err != nil {
 		return o, err
@@ -147,8 +162,63 @@ func (pf *proxyFlags) options(w *telemetry.LogWriter) (startup.Options, error) {
 	default:
 		return o, fmt.Errorf("--log-format %q: want text or json", pf.logFormat)
 	}
+	if fromEnv {
+		o.Log.Info("configured from ztunnel's environment", "mode", map[bool]string{true: "shared", false: "dedicated"}[o.Node != ""], "node", o.Node, "workload", o.Workload)
+	}
+	if len(ignored) > 0 {
+		o.Log.Warn("environment variables Ambit does not act on", "ignored", ignored)
+	}
 	o.Version = version
 	return o, o.Validate()
+}
+
+// mesh makes the Options' mesh and role: from the flags, or (none of the
+// mesh flags set) from ztunnel's environment, whose ignored variables it
+// returns for the log.
+func (pf *proxyFlags) mesh(cmd *cobra.Command, environ []string) (o startup.Options, fromEnv bool, ignored []string, err error) {
+	fromEnv = true
+	for _, name := range meshFlags {
+		if cmd.Flags().Changed(name) {
+			fromEnv = false
+		}
+	}
+	if fromEnv {
+		env, err := startup.FromEnv(environ, nil)
+		if err != nil {
+			return o, true, nil, err
+		}
+		o = env.Options
+		if env.LogLevel != "" && !cmd.Flags().Changed("log-level") {
+			pf.logLevel = env.LogLevel
+		}
+		// The kubelet probes readiness on the pod's address, and
+		// Prometheus scrapes it there: ztunnel binds both to every address.
+		if pf.probeIP == "" {
+			o.ProbeIP = netip.IPv4Unspecified()
+		}
+		o.HBONE = mergeHBONE(pf.opts.HBONE, o.HBONE)
+		return o, true, env.Ignored, nil
+	}
+	o = pf.opts
+	if pf.local.ConfigFile == "" && pf.remote.XDSAddress == "" {
+		return o, false, nil, errors.New("set one mesh: --config and --ca-dir, or a control plane (--xds-address, --ca-address, --token-file, --root-cert); or none of the mesh flags, to run from ztunnel's environment (docs/drop-in.md)")
+	}
+	if pf.local.ConfigFile != "" {
+		o.Local = &pf.local
+	} else {
+		o.ControlPlane = &pf.remote
+	}
+	o.Self, err = startup.SelfFromEnv(environ)
+	return o, false, nil, err
+}
+
+// mergeHBONE keeps the environment's HBONE settings and takes the rest
+// from the flags (their defaults included).
+func mergeHBONE(flags, env hbone.Config) hbone.Config {
+	if env.IdleTimeout != 0 {
+		flags.IdleTimeout = env.IdleTimeout
+	}
+	return flags
 }
 
 // checkHBONETimers refuses timer flags that cannot work.

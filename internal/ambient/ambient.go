@@ -71,3 +71,18 @@ func InMesh(namespaceLabels, podLabels map[string]string) bool {
 func PodWorkloadUID(clusterID, namespace, name string) string {
 	return clusterID + "//Pod/" + namespace + "/" + name
 }
+
+// ZtunnelNodeID is a node proxy's xDS node id in ztunnel's form, the only
+// one istiod takes from a node proxy:
+// ztunnel~<instance IP>~<pod>.<namespace>~<namespace>.svc.cluster.local
+// (ztunnel writes cluster.local whatever the cluster's domain is).
+func ZtunnelNodeID(instanceIP, podName, podNamespace string) string {
+	return "ztunnel~" + instanceIP + "~" + podName + "." + podNamespace + "~" + podNamespace + ".svc.cluster.local"
+}
+
+// ClusterIDHeader carries the proxy's cluster on every call to the CA and
+// to xDS; DefaultClusterID is Istio's default cluster name.
+const (
+	ClusterIDHeader  = "clusterid"
+	DefaultClusterID = "Kubernetes"
+)

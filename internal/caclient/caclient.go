@@ -5,6 +5,7 @@
 package caclient
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -29,18 +30,35 @@ func Dial(addr, rootCertFile, serverName string, opts ...grpc.DialOption) (*grpc
 	if err != nil {
 		return nil, fmt.Errorf("ca client: root cert: %w", err)
 	}
-	roots, err := identity.ParseCertificates(pemData)
+	pool, err := RootPool(pemData)
 	if err != nil {
 		return nil, fmt.Errorf("ca client: %s: %w", rootCertFile, err)
+	}
+	return DialRoots(addr, pool, serverName, opts...)
+}
+
+// RootPool is a pool of the PEM certificates in pemData (at least one).
+func RootPool(pemData []byte) (*x509.CertPool, error) {
+	roots, err := identity.ParseCertificates(pemData)
+	if err != nil {
+		return nil, err
 	}
 	pool := x509.NewCertPool()
 	for _, r := range roots {
 		pool.AddCert(r)
 	}
+	return pool, nil
+}
+
+// DialRoots is Dial with the roots given (nil: the system's) and the
+// server's name expected in its certificate (default
+// istiod.istio-system.svc: istiod's serving certificate holds DNS names
+// only, so an address given as an IP still verifies).
+func DialRoots(addr string, roots *x509.CertPool, serverName string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if serverName == "" {
 		serverName = ambient.IstiodServerName
 	}
-	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS12})
+	creds := credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12})
 	return grpc.NewClient(addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts...)...)
 }
 
@@ -50,8 +68,9 @@ type Issuer struct {
 	// Token returns the bearer token for each call (read fresh, so a
 	// rotated token file is picked up).
 	Token     func() (string, error)
-	ClusterID string      // sent as "clusterid"; default Kubernetes
-	Self      identity.ID // the proxy's own identity: asked for without impersonation
+	ClusterID string            // sent as "clusterid"; default Kubernetes
+	Extra     map[string]string // more headers (ztunnel's CA_HEADER_<NAME>)
+	Self      identity.ID       // the proxy's own identity: asked for without impersonation
 	TTL       time.Duration
 }
 
@@ -72,19 +91,15 @@ func (i *Issuer) Issue(ctx context.Context, id identity.ID) (*identity.Certifica
 	if err != nil {
 		return nil, err
 	}
-	tok, err := i.Token()
+	md, err := Headers{Token: i.Token, ClusterID: i.ClusterID, Extra: i.Extra}.GetRequestMetadata(ctx)
 	if err != nil {
 		return nil, err
 	}
-	cluster := i.ClusterID
-	if cluster == "" {
-		cluster = "Kubernetes"
-	}
-	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok, "clusterid", cluster)
+	ctx = metadata.NewOutgoingContext(ctx, metadata.New(md))
 	req := &pb.IstioCertificateRequest{Csr: string(identity.EncodeCSR(der)), ValidityDuration: int64(i.TTL / time.Second)}
 	if id != i.Self {
-		md, _ := structpb.NewStruct(map[string]any{"ImpersonatedIdentity": id.String()})
-		req.Metadata = md
+		imp, _ := structpb.NewStruct(map[string]any{"ImpersonatedIdentity": id.String()})
+		req.Metadata = imp
 	}
 	resp, err := pb.NewIstioCertificateServiceClient(i.Conn).CreateCertificate(ctx, req)
 	if err != nil {
@@ -115,6 +130,39 @@ func (i *Issuer) Issue(ctx context.Context, id identity.ID) (*identity.Certifica
 	}
 	return cert, nil
 }
+
+// Headers are the metadata of every call to the CA and to xDS, as ztunnel
+// sends them: "authorization: Bearer <token>" (the token read fresh for
+// each call, so a rotated projected token is the one sent; none when Token
+// is nil or gives ""), "clusterid", and any extra headers. They are
+// gRPC per-call credentials that require TLS.
+type Headers struct {
+	Token     func() (string, error)
+	ClusterID string // default Kubernetes
+	Extra     map[string]string
+}
+
+// GetRequestMetadata implements credentials.PerRPCCredentials.
+func (h Headers) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	md := make(map[string]string, len(h.Extra)+2)
+	for k, v := range h.Extra {
+		md[strings.ToLower(k)] = v
+	}
+	md[ambient.ClusterIDHeader] = cmp.Or(h.ClusterID, ambient.DefaultClusterID)
+	if h.Token != nil {
+		tok, err := h.Token()
+		if err != nil {
+			return nil, err
+		}
+		if tok != "" {
+			md["authorization"] = "Bearer " + tok
+		}
+	}
+	return md, nil
+}
+
+// RequireTransportSecurity implements credentials.PerRPCCredentials.
+func (Headers) RequireTransportSecurity() bool { return true }
 
 // Bearer is gRPC per-call credentials carrying "authorization: Bearer
 // <token>", read fresh for each call; for the xDS stream.

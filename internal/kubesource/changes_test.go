@@ -159,7 +159,7 @@ func runMesh(t testing.TB, c *cluster, tok string) (*proxyView, func()) {
 		t.Fatal(err)
 	}
 	pv := &proxyView{}
-	client := &xds.Client{Conn: conn, NodeID: "ztunnel~10.244.1.2~ambit-node-w1.ambit-system~ambit-system.svc.cluster.local"}
+	client := &xds.Client{Conn: conn, Node: xds.Node{ID: "ztunnel~10.244.1.2~ambit-node-w1.ambit-system~ambit-system.svc.cluster.local"}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- client.Run(ctx, pv.apply) }()

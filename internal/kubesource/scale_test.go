@@ -106,7 +106,7 @@ func BenchmarkControlPlaneAtScale(b *testing.B) {
 	cctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {
-		done <- (&xds.Client{Conn: conn, NodeID: "ztunnel~10.240.0.2~ambit-node-w0.ambit-system~ambit-system.svc.cluster.local"}).Run(cctx, pv.apply)
+		done <- (&xds.Client{Conn: conn, Node: xds.Node{ID: "ztunnel~10.240.0.2~ambit-node-w0.ambit-system~ambit-system.svc.cluster.local"}}).Run(cctx, pv.apply)
 	}()
 	defer func() {
 		cancel()

@@ -153,6 +153,12 @@ func command(argv ...string) error {
 // recorded for Down, and (if cgroup is set) moved into that cgroup at once,
 // before it starts anything of its own.
 func (c *Cluster) start(tag string, nsArgs []string, cgroup, bin string, args ...string) error {
+	return c.startIn(tag, nsArgs, cgroup, nil, "", bin, args...)
+}
+
+// startIn is start with more variables in the environment and a working
+// directory ("" : the test's).
+func (c *Cluster) startIn(tag string, nsArgs []string, cgroup string, env []string, dir, bin string, args ...string) error {
 	logf, err := os.OpenFile(filepath.Join(c.Dir, "logs", tag+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
@@ -160,6 +166,10 @@ func (c *Cluster) start(tag string, nsArgs []string, cgroup, bin string, args ..
 	defer logf.Close()
 	cmd := exec.Command("nsenter", append(append(nsArgs, "--", bin), args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
+	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("kubetest: start %s: %w", tag, err)

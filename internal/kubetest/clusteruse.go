@@ -82,6 +82,14 @@ func (c *Cluster) InWire(ctx context.Context, env []string, bin string, args ...
 	return out, nil
 }
 
+// StartInWire runs a long-lived process in the wire's namespace, beside
+// the API server (istiod, say), with env added to the test's environment
+// and dir as its working directory; its output goes to the cluster's log
+// under tag (Log reads it) and DownCluster stops it with the rest.
+func (c *Cluster) StartInWire(tag string, env []string, dir, bin string, args ...string) error {
+	return c.startIn(tag, []string{"--net=/run/netns/" + c.WireNS}, "", env, dir, bin, args...)
+}
+
 // OnNode runs a command in a node's network and mount namespaces (as a
 // process on that node would run).
 func (c *Cluster) OnNode(ctx context.Context, node string, argv ...string) ([]byte, error) {

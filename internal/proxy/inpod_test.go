@@ -263,13 +263,17 @@ func TestPodEnrolledBeforeXDS(t *testing.T) {
 
 // inPodProxy runs a shared proxy for node master, listening on nodeIP,
 // with a node agent serving it pods over a ZDS socket.
-func inPodProxy(t *testing.T, ix *workload.Index, nodeIP netip.Addr) (*Proxy, *nodeagent.Agent, *logBuf) {
+func inPodProxy(t *testing.T, ix *workload.Index, nodeIP netip.Addr, opts ...func(*Options)) (*Proxy, *nodeagent.Agent, *logBuf) {
 	t.Helper()
 	lb := &logBuf{}
 	log := slog.New(slog.NewTextHandler(lb, nil))
 	certs := identity.NewManager(&identity.LocalIssuer{CA: testutil.CA(t)}, log)
 	t.Cleanup(certs.Close)
-	p, err := New(Options{Node: "master", ListenIP: nodeIP, AdminIP: nodeIP, Certs: certs, Log: log, Metrics: telemetry.NewMetrics("test"), ZDS: true}, ix)
+	o := Options{Node: "master", ListenIP: nodeIP, AdminIP: nodeIP, Certs: certs, Log: log, Metrics: telemetry.NewMetrics("test"), ZDS: true}
+	for _, f := range opts {
+		f(&o)
+	}
+	p, err := New(o, ix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,6 +312,51 @@ func TestNotReadyBeforeTheSnapshot(t *testing.T) {
 	for i := 0; i < 2; i++ {
 		if ok, why := p.Ready(); !ok {
 			t.Fatalf("after the snapshot: not ready (%s)", why)
+		}
+	}
+}
+
+// TestPodListenersLeaveRoomForASuccessor: with PortReuse (ztunnel's
+// INPOD_PORT_REUSE) a pod's listeners are opened with SO_REUSEPORT, so
+// the proxy that replaces this one during an upgrade can open its own on
+// the same ports before this one closes; without it the ports are taken.
+func TestPodListenersLeaveRoomForASuccessor(t *testing.T) {
+	for _, reuse := range []bool{true, false} {
+		podNS, podName := testutil.Netns(t)
+		peerNS, _ := testutil.Netns(t)
+		testutil.Veth(t, podNS, peerNS, "10.250.8.2/24", "10.250.8.3/24")
+		ix, err := config.Parse("pod.yaml", []byte("workloads:\n- {uid: k//Pod/default/p, name: p, namespace: default, workloadIps: [\"10.250.8.2\"], protocol: HBONE, node: master}\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodeIP := netip.MustParseAddr("127.0.77.3")
+		if reuse {
+			nodeIP = netip.MustParseAddr("127.0.77.4")
+		}
+		p, agent, _ := inPodProxy(t, ix, nodeIP, func(o *Options) { o.PortReuse = reuse })
+		testutil.WaitFor(t, "the proxy on the ZDS socket", func() bool { return agent.ProxyConnected() })
+		if err := agent.Enroll(nodeagent.Pod{UID: "k//Pod/default/p", Info: &zdsapi.WorkloadInfo{Name: "p", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + podName}); err != nil {
+			t.Fatal(err)
+		}
+		if p.podAt(netip.MustParseAddr("10.250.8.2")) == nil {
+			t.Fatal("the pod is not served")
+		}
+		for _, port := range []int{15001, 15006, 15008} {
+			var l net.Listener
+			err := nsutil.Do(podNS, func() (err error) {
+				lc := net.ListenConfig{Control: markTransparentReusePort}
+				l, err = lc.Listen(context.Background(), "tcp", fmt.Sprintf("0.0.0.0:%d", port))
+				return err
+			})
+			if reuse && err != nil {
+				t.Errorf("port %d: a successor cannot open its listener beside ours: %v", port, err)
+			}
+			if !reuse && err == nil {
+				t.Errorf("port %d: a second listener opened without SO_REUSEPORT on ours", port)
+			}
+			if l != nil {
+				l.Close()
+			}
 		}
 	}
 }

@@ -78,6 +78,9 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	}
 	err = nsutil.Do(pd.ns, func() error {
 		lc := net.ListenConfig{Control: markAndTransparent}
+		if p.opts.PortReuse {
+			lc.Control = markTransparentReusePort
+		}
 		for _, s := range specs {
 			l, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("0.0.0.0:%d", s.port))
 			if err != nil {
@@ -247,6 +250,19 @@ func markAndTransparent(network, _ string, c syscall.RawConn) error {
 		serr = markTransparent(int(fd), len(network) > 0 && network[len(network)-1] == '6')
 	})
 	return errors.Join(err, serr)
+}
+
+// markTransparentReusePort is markAndTransparent with SO_REUSEPORT, for
+// the pod listeners of a proxy that hands over to its successor.
+func markTransparentReusePort(network, address string, c syscall.RawConn) error {
+	if err := markAndTransparent(network, address, c); err != nil {
+		return err
+	}
+	var serr error
+	if err := c.Control(func(fd uintptr) { serr = sockopt.ReusePort(int(fd)) }); err != nil {
+		return err
+	}
+	return serr
 }
 
 // markTransparent marks a socket as the proxy's and lets it use a

@@ -54,6 +54,10 @@ func (p Ports) withDefaults() Ports {
 	return p
 }
 
+// DefaultDrainTimeout is how long live connections get to finish when the
+// proxy stops, unless Options say otherwise (ztunnel's default, 5 s).
+const DefaultDrainTimeout = 5 * time.Second
+
 // Options configure a Proxy. Exactly one of Workload and Node is set.
 type Options struct {
 	// Workload ("namespace/name") runs the proxy dedicated to one workload:
@@ -77,6 +81,19 @@ type Options struct {
 	// with its config dump, stays local, as ztunnel keeps it).
 	ProbeIP netip.Addr
 	Ports   Ports
+	// PortReuse opens pod listeners with SO_REUSEPORT: during an upgrade
+	// the new proxy opens them beside the old one's, which stops
+	// accepting and drains (ztunnel's INPOD_PORT_REUSE).
+	PortReuse bool
+	// Network is the shared proxy's network (a dedicated proxy's is its
+	// workload's): the one its pods' addresses are looked up on.
+	Network string
+	// PoolMaxStreams bounds the streams per outbound HBONE connection;
+	// 0: HBONE.MaxStreams (the server's advertised limit is not changed).
+	PoolMaxStreams uint32
+	// DrainTimeout is how long live connections get to finish once Run's
+	// context ends (after GOAWAY); 0: 5 s.
+	DrainTimeout time.Duration
 
 	Certs *identity.Manager
 	HBONE hbone.Config
@@ -172,7 +189,11 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 	if err := p.SetIndex(ix); err != nil {
 		return nil, err
 	}
-	p.dialer = &hbone.Dialer{Certs: opts.Certs, Config: opts.HBONE, Log: p.log, DialTCP: p.dialFrom}
+	dialCfg := opts.HBONE
+	if opts.PoolMaxStreams > 0 {
+		dialCfg.MaxStreams = opts.PoolMaxStreams
+	}
+	p.dialer = &hbone.Dialer{Certs: opts.Certs, Config: dialCfg, Log: p.log, DialTCP: p.dialFrom}
 	p.server = &hbone.Server{
 		GetCertificate: p.certificateFor,
 		Handler:        hbone.HandlerFunc(p.serveHBONE),
@@ -292,7 +313,7 @@ func (p *Proxy) network() string {
 	if w := p.self.Load(); w != nil {
 		return w.Network
 	}
-	return ""
+	return p.opts.Network
 }
 
 // listenIP is where the data-path listeners bind.
@@ -373,7 +394,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	<-ctx.Done()
 	closeAll()
 	p.removeAllPods()
-	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	drain := p.opts.DrainTimeout
+	if drain <= 0 {
+		drain = DefaultDrainTimeout
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
 	_ = p.server.Shutdown(shutCtx)
 	p.closeInbound("proxy shutting down")

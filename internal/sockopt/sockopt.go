@@ -35,6 +35,14 @@ func ReuseAddr(fd int) error {
 	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
 }
 
+// ReusePort lets several sockets listen on one address and port
+// (SO_REUSEPORT; the kernel spreads new connections over them): an
+// upgrading node proxy opens a pod's listeners beside the old proxy's.
+// Both must set it, and be of the same user.
+func ReusePort(fd int) error {
+	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+}
+
 // NoPortAtBind leaves the choice of a socket's local port from bind to
 // connect (IP_BIND_ADDRESS_NO_PORT). A bind to (address, 0) must find a
 // port free for any destination, searching the ephemeral range against

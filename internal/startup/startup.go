@@ -7,14 +7,17 @@
 package startup
 
 import (
+	"cmp"
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"strings"
 	"time"
 
-	"github.com/ambitmesh/ambit/internal/ambient"
 	"github.com/ambitmesh/ambit/internal/caclient"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/hbone"
@@ -32,8 +35,10 @@ import (
 // DefaultSyncTimeout bounds the wait for the source's first complete view.
 const DefaultSyncTimeout = 30 * time.Second
 
-// Options say what proxy to run and where its mesh comes from. The mesh is
-// exactly one of Local, ControlPlane, or Source with Issuer.
+// Options say what proxy to run and where its mesh comes from: its config
+// from exactly one of Local.ConfigFile, ControlPlane.XDSAddress or Source,
+// its certificates from exactly one of Local.CADir, ControlPlane.CAAddress
+// or Issuer (ztunnel's LOCAL_XDS_PATH is a local file with the remote CA).
 type Options struct {
 	// Workload ("namespace/name") dedicates the proxy to one workload; Node
 	// serves the workloads of a node. Exactly one is set.
@@ -41,6 +46,9 @@ type Options struct {
 	Node     string
 	// ListenIP and ProbeIP: see proxy.Options.
 	ListenIP, ProbeIP netip.Addr
+	// Self is who the proxy is to the control plane (its xDS node, the
+	// clusterid header, its own identity).
+	Self Self
 
 	Local        *Local
 	ControlPlane *ControlPlane
@@ -51,7 +59,17 @@ type Options struct {
 
 	CertTTL   time.Duration // workload certificates' lifetime; 0: the issuer's default
 	ZDSSocket string        // shared mode: take pods from the node agent here
+	// PortReuse opens pod listeners with SO_REUSEPORT, so a new proxy can
+	// open them beside the old one during an upgrade (INPOD_PORT_REUSE).
+	PortReuse bool
+	Network   string // the proxy's network, in shared mode (NETWORK)
 	HBONE     hbone.Config
+	// PoolMaxStreams bounds the streams per outbound HBONE connection
+	// (POOL_MAX_STREAMS_PER_CONNECTION); 0: hbone's default, 100.
+	PoolMaxStreams uint32
+	// DrainTimeout is how long live connections get to finish once the
+	// proxy is told to stop; 0: 5 s (ztunnel's default).
+	DrainTimeout time.Duration
 	// SyncTimeout bounds the wait for a first complete config; 0: 30 s.
 	SyncTimeout time.Duration
 
@@ -61,20 +79,31 @@ type Options struct {
 }
 
 // Local is a mesh from files: ztunnel's local config (watched) and a CA in
-// Istio's plug-in layout.
+// Istio's plug-in layout. CADir may be empty when a ControlPlane's CA
+// signs instead.
 type Local struct {
 	ConfigFile string
 	CADir      string
 }
 
 // ControlPlane is a mesh from a control plane (istiod, or `ambit control`):
-// delta xDS and the CA, both over TLS trusting RootCert, authenticated by
-// the bearer token in TokenFile (read on every call: rotation works).
+// delta xDS and the CA, both over TLS, authenticated by the bearer token in
+// TokenFile (read on every call: rotation works; none if empty). XDSAddress
+// may be empty when Local gives the config.
 type ControlPlane struct {
 	XDSAddress string
 	CAAddress  string
 	TokenFile  string
+	// RootCert is what xDS (and the CA, unless CARootCert says otherwise)
+	// is trusted with: a file, SYSTEM (the system's roots) or the PEM
+	// itself, as ztunnel reads XDS_ROOT_CA and CA_ROOT_CA.
 	RootCert   string
+	CARootCert string
+	// The names expected in the servers' certificates; default
+	// istiod.istio-system.svc (ALT_XDS_HOSTNAME, ALT_CA_HOSTNAME).
+	XDSServerName, CAServerName string
+	// More headers on each call (XDS_HEADER_<NAME>, CA_HEADER_<NAME>).
+	XDSHeaders, CAHeaders map[string]string
 }
 
 // Validate reports the first thing that makes o unusable, by its flag's
@@ -83,27 +112,43 @@ func (o *Options) Validate() error {
 	if (o.Workload == "") == (o.Node == "") {
 		return errors.New("set exactly one of --workload NS/NAME or --node NAME")
 	}
-	n := 0
+	config, certs := 0, 0
 	if o.Local != nil {
-		n++
-		if o.Local.ConfigFile == "" || o.Local.CADir == "" {
-			return errors.New("a local mesh needs --config and --ca-dir together")
+		if o.Local.ConfigFile == "" {
+			return errors.New("a local mesh needs --config")
+		}
+		config++
+		if o.Local.CADir != "" {
+			certs++
 		}
 	}
 	if c := o.ControlPlane; c != nil {
-		n++
-		if c.XDSAddress == "" || c.CAAddress == "" || c.TokenFile == "" || c.RootCert == "" {
-			return errors.New("a control plane needs --xds-address, --ca-address, --token-file and --root-cert together")
+		if c.XDSAddress != "" {
+			config++
+		}
+		if c.CAAddress != "" {
+			certs++
+		}
+		if c.RootCert == "" {
+			return errors.New("a control plane needs --root-cert: what to trust it with")
 		}
 	}
 	if o.Source != nil || o.Issuer != nil {
-		n++
 		if o.Source == nil || o.Issuer == nil {
 			return errors.New("startup: Source and Issuer go together")
 		}
+		config++
+		certs++
 	}
-	if n != 1 {
+	switch {
+	case config == 0 && certs == 0:
 		return errors.New("set one mesh: --config and --ca-dir, or a control plane (--xds-address, --ca-address, --token-file, --root-cert)")
+	case config > 1 || certs > 1:
+		return errors.New("set one mesh, not two: --config and --ca-dir, or a control plane (--xds-address, --ca-address, --token-file, --root-cert)")
+	case config == 0:
+		return errors.New("no config: set --config (a local file) or --xds-address (a control plane)")
+	case certs == 0:
+		return errors.New("no certificates: set --ca-dir (a local CA) or --ca-address (a remote CA)")
 	}
 	if o.ZDSSocket != "" && o.Node == "" {
 		return errors.New("--zds-socket needs --node: in-pod capture serves a node's pods")
@@ -174,6 +219,7 @@ func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, c
 	initial := views.Latest()
 	p, err := proxy.New(proxy.Options{
 		Workload: o.Workload, Node: o.Node, ListenIP: o.ListenIP, ProbeIP: o.ProbeIP, ZDS: o.ZDSSocket != "",
+		PortReuse: o.PortReuse, Network: o.Network, PoolMaxStreams: o.PoolMaxStreams, DrainTimeout: o.DrainTimeout,
 		Certs: certs, HBONE: o.HBONE, Log: o.Log, LogLevel: o.LogLevel,
 		Metrics: telemetry.NewMetrics(o.Version), Version: o.Version,
 	}, initial)
@@ -199,41 +245,93 @@ type mesh struct {
 }
 
 // open makes the source and the issuer o names: the certificate-source seam.
-func (o *Options) open() (*mesh, error) {
-	switch {
-	case o.Local != nil:
+func (o *Options) open() (_ *mesh, err error) {
+	if o.Source != nil {
+		return &mesh{source: o.Source, issuer: o.Issuer, name: "its source", close: func() {}}, nil
+	}
+	m := &mesh{close: func() {}}
+	var conns []*grpc.ClientConn
+	defer func() {
+		m.close = func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}
+		if err != nil {
+			m.close()
+		}
+	}()
+	self := o.Self.withDefaults(o)
+	c := o.ControlPlane
+	var token func() (string, error)
+	if c != nil && c.TokenFile != "" {
+		token = caclient.TokenFile(c.TokenFile)
+	}
+	if o.Local != nil && o.Local.CADir != "" {
 		ca, err := identity.LoadCA(o.Local.CADir)
 		if err != nil {
 			return nil, err
 		}
-		return &mesh{
-			source: &config.Watcher{Path: o.Local.ConfigFile, Log: o.Log},
-			issuer: &identity.LocalIssuer{CA: ca, TTL: o.CertTTL},
-			name:   o.Local.ConfigFile,
-			close:  func() {},
-		}, nil
-	case o.ControlPlane != nil:
-		c := o.ControlPlane
-		token := caclient.TokenFile(c.TokenFile)
-		caConn, err := caclient.Dial(c.CAAddress, c.RootCert, "")
+		m.issuer = &identity.LocalIssuer{CA: ca, TTL: o.CertTTL}
+	} else {
+		roots, err := loadRoots("CA", cmp.Or(c.CARootCert, c.RootCert))
 		if err != nil {
 			return nil, err
 		}
-		xdsConn, err := caclient.Dial(c.XDSAddress, c.RootCert, "", grpc.WithPerRPCCredentials(caclient.Bearer(token)))
+		conn, err := caclient.DialRoots(c.CAAddress, roots, c.CAServerName)
 		if err != nil {
-			caConn.Close()
-			return nil, err
+			return nil, fmt.Errorf("CA at %s: %w", c.CAAddress, err)
 		}
-		return &mesh{
-			source: &xds.Client{Conn: xdsConn, NodeID: o.Node + o.Workload, Log: o.Log},
-			issuer: &caclient.Issuer{Conn: caConn, Token: token, TTL: o.CertTTL, Self: ambient.NodeProxyID()},
-			name:   "the control plane at " + c.XDSAddress,
-			remote: true,
-			close:  func() { xdsConn.Close(); caConn.Close() },
-		}, nil
-	default:
-		return &mesh{source: o.Source, issuer: o.Issuer, name: "its source", close: func() {}}, nil
+		conns = append(conns, conn)
+		m.issuer = &caclient.Issuer{Conn: conn, Token: token, ClusterID: self.ClusterID, Extra: c.CAHeaders, TTL: o.CertTTL, Self: self.Identity()}
 	}
+	if o.Local != nil {
+		m.source, m.name = &config.Watcher{Path: o.Local.ConfigFile, Log: o.Log}, o.Local.ConfigFile
+		return m, nil
+	}
+	roots, err := loadRoots("xDS", c.RootCert)
+	if err != nil {
+		return nil, err
+	}
+	node := self.XDSNode()
+	hdrs := caclient.Headers{Token: token, ClusterID: self.ClusterID, Extra: c.XDSHeaders}
+	conn, err := caclient.DialRoots(c.XDSAddress, roots, c.XDSServerName, grpc.WithPerRPCCredentials(hdrs))
+	if err != nil {
+		return nil, fmt.Errorf("xDS at %s: %w", c.XDSAddress, err)
+	}
+	conns = append(conns, conn)
+	o.Log.Info("xds node", "id", node.ID, "cluster", self.ClusterID)
+	m.source = &xds.Client{Conn: conn, Node: node, Log: o.Log}
+	m.name, m.remote = "the control plane at "+c.XDSAddress, true
+	return m, nil
+}
+
+// loadRoots reads what a server is trusted with: a file, SYSTEM (nil: the
+// system's roots), or PEM given inline (ztunnel's XDS_ROOT_CA, CA_ROOT_CA).
+func loadRoots(what, spec string) (*x509.CertPool, error) {
+	if spec == SystemRoots {
+		return nil, nil
+	}
+	data := []byte(spec)
+	if !strings.Contains(spec, "-----BEGIN") {
+		b, err := os.ReadFile(spec)
+		if err != nil {
+			return nil, fmt.Errorf("%s root certificate: %w", what, err)
+		}
+		data = b
+	}
+	pool, err := caclient.RootPool(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s root certificate %s: %w", what, rootName(spec), err)
+	}
+	return pool, nil
+}
+
+func rootName(spec string) string {
+	if strings.Contains(spec, "-----BEGIN") {
+		return "(inline PEM)"
+	}
+	return spec
 }
 
 // errStopped is how the proxy's end reaches the helpers' goroutines.

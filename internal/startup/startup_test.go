@@ -143,8 +143,11 @@ func TestValidate(t *testing.T) {
 		{Options{Workload: "a/b", Node: "n", Local: local}, "set exactly one of --workload"},
 		{Options{Node: "n"}, "set one mesh"},
 		{Options{Node: "n", Local: local, ControlPlane: &ControlPlane{XDSAddress: "x", CAAddress: "c", TokenFile: "t", RootCert: "r"}}, "set one mesh"},
-		{Options{Node: "n", Local: &Local{ConfigFile: "f"}}, "--config and --ca-dir together"},
-		{Options{Node: "n", ControlPlane: &ControlPlane{XDSAddress: "x"}}, "--xds-address, --ca-address, --token-file and --root-cert together"},
+		{Options{Node: "n", Local: &Local{ConfigFile: "f"}}, "no certificates: set --ca-dir"},
+		{Options{Node: "n", Local: &Local{CADir: "d"}}, "a local mesh needs --config"},
+		{Options{Node: "n", ControlPlane: &ControlPlane{XDSAddress: "x"}}, "a control plane needs --root-cert"},
+		{Options{Node: "n", ControlPlane: &ControlPlane{XDSAddress: "x", RootCert: "r"}}, "no certificates: set --ca-dir (a local CA) or --ca-address"},
+		{Options{Node: "n", ControlPlane: &ControlPlane{CAAddress: "c", RootCert: "r"}}, "no config: set --config"},
 		{Options{Node: "n", Source: &config.Watcher{}}, "Source and Issuer go together"},
 		{Options{Workload: "a/b", Local: local, ZDSSocket: "s"}, "--zds-socket needs --node"},
 	} {
@@ -152,7 +155,14 @@ func TestValidate(t *testing.T) {
 			t.Errorf("%+v: %v, want %q", c.o, err, c.want)
 		}
 	}
-	if err := (&Options{Node: "n", Local: local}).Validate(); err != nil {
-		t.Errorf("a good one: %v", err)
+	for _, good := range []Options{
+		{Node: "n", Local: local},
+		{Node: "n", ControlPlane: &ControlPlane{XDSAddress: "x", CAAddress: "c", RootCert: "r"}}, // no token: ztunnel's AuthSource::None
+		// ztunnel's LOCAL_XDS_PATH: the config from a file, the certificates from the CA.
+		{Node: "n", Local: &Local{ConfigFile: "f"}, ControlPlane: &ControlPlane{CAAddress: "c", RootCert: "r"}},
+	} {
+		if err := good.Validate(); err != nil {
+			t.Errorf("a good one, %+v: %v", good, err)
+		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
 	wapi "istio.io/istio/pkg/workloadapi"
 	sapi "istio.io/istio/pkg/workloadapi/security"
 )
@@ -26,9 +27,9 @@ import (
 // (10 ms doubling to 15 s), telling the server what it holds. It is a
 // workload.Source.
 type Client struct {
-	Conn   *grpc.ClientConn
-	NodeID string
-	Log    *slog.Logger
+	Conn *grpc.ClientConn
+	Node Node
+	Log  *slog.Logger
 
 	mu       sync.Mutex
 	state    map[string]map[string]held // type -> name -> resource
@@ -38,6 +39,34 @@ type Client struct {
 }
 
 var _ workload.Source = (*Client)(nil)
+
+// Node is who the client is to the server: the fields of envoy's core.Node
+// that istiod reads of a ztunnel. Its ID must be in ztunnel's form
+// (ambient.ZtunnelNodeID): istiod refuses another with "missing parts in
+// the service node".
+type Node struct {
+	ID string
+	// Metadata (NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, ISTIO_META_*)
+	// becomes a google.protobuf.Struct: values are JSON's (strings,
+	// float64, bool, nil, []any, map[string]any).
+	Metadata map[string]any
+}
+
+// wire is the node's encoding: the id, and the metadata marshalled once.
+func (n Node) wire() (id string, meta []byte, err error) {
+	if len(n.Metadata) == 0 {
+		return n.ID, nil, nil
+	}
+	st, err := structpb.NewStruct(n.Metadata)
+	if err != nil {
+		return "", nil, fmt.Errorf("xds: node metadata: %w", err)
+	}
+	meta, err = proto.MarshalOptions{Deterministic: true}.Marshal(st)
+	if err != nil {
+		return "", nil, fmt.Errorf("xds: node metadata: %w", err)
+	}
+	return n.ID, meta, nil
+}
 
 // held is a resource the client holds, converted.
 type held struct {
@@ -113,6 +142,10 @@ func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) err
 func (c *Client) session(ctx context.Context, apply func(*workload.Index) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	nodeID, nodeMeta, err := c.Node.wire()
+	if err != nil {
+		return err
+	}
 	stream, err := openADS(ctx, c.Conn)
 	if err != nil {
 		return err
@@ -125,7 +158,7 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 		}
 		c.mu.Unlock()
 		// No names to subscribe: a wildcard subscription.
-		if err := send(stream, &deltaRequest{nodeID: c.NodeID, typeURL: typ, initial: have}); err != nil {
+		if err := send(stream, &deltaRequest{nodeID: nodeID, nodeMeta: nodeMeta, typeURL: typ, initial: have}); err != nil {
 			return err
 		}
 	}
@@ -134,7 +167,7 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 		if err := recv(stream, &resp); err != nil {
 			return err
 		}
-		ack := &deltaRequest{nodeID: c.NodeID, typeURL: resp.typeURL, nonce: resp.nonce}
+		ack := &deltaRequest{nodeID: nodeID, typeURL: resp.typeURL, nonce: resp.nonce}
 		if err := c.handle(&resp, apply); err != nil {
 			ack.errorDetail = &rpcStatus{code: 3, message: err.Error()} // INVALID_ARGUMENT
 			c.mu.Lock()

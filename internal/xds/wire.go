@@ -32,6 +32,7 @@ const (
 // deltaRequest is a DeltaDiscoveryRequest.
 type deltaRequest struct {
 	nodeID      string            // node (1) . id (1)
+	nodeMeta    []byte            // node (1) . metadata (3): a google.protobuf.Struct, encoded
 	typeURL     string            // 2
 	subscribe   []string          // resource_names_subscribe (3)
 	unsubscribe []string          // resource_names_unsubscribe (4)
@@ -65,9 +66,14 @@ type resource struct {
 
 func (r *deltaRequest) marshal() []byte {
 	var b []byte
-	if r.nodeID != "" {
+	if r.nodeID != "" || len(r.nodeMeta) > 0 {
+		node := appendString(nil, 1, r.nodeID)
+		if len(r.nodeMeta) > 0 {
+			node = protowire.AppendTag(node, 3, protowire.BytesType)
+			node = protowire.AppendBytes(node, r.nodeMeta)
+		}
 		b = protowire.AppendTag(b, 1, protowire.BytesType)
-		b = protowire.AppendBytes(b, appendString(nil, 1, r.nodeID))
+		b = protowire.AppendBytes(b, node)
 	}
 	b = appendString(b, 2, r.typeURL)
 	for _, n := range r.subscribe {
@@ -104,8 +110,11 @@ func (r *deltaRequest) unmarshal(b []byte) error {
 		switch num {
 		case 1:
 			err = eachField(v, "node", func(num protowire.Number, v []byte) error {
-				if num == 1 {
+				switch num {
+				case 1:
 					return str(&r.nodeID, v, "node.id")
+				case 3:
+					r.nodeMeta = v
 				}
 				return nil
 			})

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"maps"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -109,7 +110,7 @@ func TestWireRefusesMalformedInput(t *testing.T) {
 }
 
 func sameRequest(a, b deltaRequest) bool {
-	return a.nodeID == b.nodeID && a.typeURL == b.typeURL && slices.Equal(a.subscribe, b.subscribe) &&
+	return a.nodeID == b.nodeID && string(a.nodeMeta) == string(b.nodeMeta) && a.typeURL == b.typeURL && slices.Equal(a.subscribe, b.subscribe) &&
 		slices.Equal(a.unsubscribe, b.unsubscribe) && maps.Equal(a.initial, b.initial) && a.nonce == b.nonce &&
 		(a.errorDetail == nil) == (b.errorDetail == nil) && (a.errorDetail == nil || *a.errorDetail == *b.errorDetail)
 }
@@ -117,7 +118,7 @@ func sameRequest(a, b deltaRequest) bool {
 // FuzzDeltaMessages: whatever a peer sends decodes or fails cleanly, and
 // what decodes encodes to the same thing again.
 func FuzzDeltaMessages(f *testing.F) {
-	f.Add((&deltaRequest{nodeID: "n", typeURL: AddressType, subscribe: []string{"a"}, initial: map[string]string{"k": "v"}, nonce: "1", errorDetail: &rpcStatus{code: 3, message: "m"}}).marshal())
+	f.Add((&deltaRequest{nodeID: "n", nodeMeta: []byte{0x0a, 0x03, 0x0a, 0x01, 0x4b}, typeURL: AddressType, subscribe: []string{"a"}, initial: map[string]string{"k": "v"}, nonce: "1", errorDetail: &rpcStatus{code: 3, message: "m"}}).marshal())
 	f.Add((&deltaResponse{typeURL: AddressType, nonce: "1", removed: []string{"x"}, resources: []*resource{{name: "r", version: "v", hasBody: true, bodyType: AddressType, body: []byte{1, 2}}}}).marshal())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var q deltaRequest
@@ -138,4 +139,39 @@ func FuzzDeltaMessages(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The node as istiod reads it (go-control-plane's core.Node): ztunnel's id
+// and its metadata as a google.protobuf.Struct, JSON values included.
+func TestWireNodeMetadataMatchesGeneratedType(t *testing.T) {
+	n := Node{ID: "ztunnel~10.244.1.5~ztunnel-x.istio-system~istio-system.svc.cluster.local", Metadata: map[string]any{
+		"NAME": "ztunnel-x", "NAMESPACE": "istio-system", "INSTANCE_IPS": "10.244.1.5", "NODE_NAME": "worker1",
+		"LABELS": map[string]any{"app": "ztunnel"}, "ENABLE_HBONE": true, "N": 3.0,
+	}}
+	id, meta, err := n.wire()
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := deltaRequest{nodeID: id, nodeMeta: meta, typeURL: AddressType}
+	var gen discoverygrpc.DeltaDiscoveryRequest
+	if err := proto.Unmarshal(req.marshal(), &gen); err != nil {
+		t.Fatal(err)
+	}
+	if gen.Node.GetId() != n.ID {
+		t.Fatalf("node id %q", gen.Node.GetId())
+	}
+	got := gen.Node.GetMetadata().AsMap()
+	if !reflect.DeepEqual(got, n.Metadata) {
+		t.Fatalf("metadata as istiod decodes it:\n got %v\nwant %v", got, n.Metadata)
+	}
+	// And back: the server side keeps the id and the metadata's bytes.
+	b, _ := proto.Marshal(&gen)
+	var back deltaRequest
+	if err := back.unmarshal(b); err != nil || back.nodeID != n.ID || len(back.nodeMeta) == 0 {
+		t.Fatalf("decoded %+v: %v", back, err)
+	}
+	// A value a Struct cannot hold is an error, not a panic.
+	if _, _, err := (Node{ID: "x", Metadata: map[string]any{"C": make(chan int)}}).wire(); err == nil {
+		t.Fatal("a channel in the metadata encoded")
+	}
 }

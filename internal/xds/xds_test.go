@@ -77,7 +77,7 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	}
 	defer conn.Close()
 	got := &latest{}
-	c := &Client{Conn: conn, NodeID: "node-a"}
+	c := &Client{Conn: conn, Node: Node{ID: "node-a"}}
 	synced := c.Synced() // taken before Run: the same channel is closed later
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -172,7 +172,7 @@ func TestClientAgainstAMinimalServer(t *testing.T) {
 	}
 	defer conn.Close()
 	got := &latest{}
-	c := &Client{Conn: conn, NodeID: "n"}
+	c := &Client{Conn: conn, Node: Node{ID: "n"}}
 	go c.Run(ctx, got.apply)
 	testutil.WaitFor(t, "the minimal server's resources", func() bool {
 		ix := got.get()

@@ -19,7 +19,12 @@ env:
 {{- end }}
 {{- end -}}
 
-{{/* Where the node proxies reach the control plane (CA and xDS). */}}
+{{/* Where the node proxies reach the control plane (CA and xDS): Ambit's,
+or istiod when Ambit's is not installed. */}}
 {{- define "ambit.xdsAddress" -}}
+{{- if .Values.control.enabled -}}
 {{ .Values.node.xdsAddress | default (printf "ambit-control.%s.svc:15012" .Release.Namespace) }}
+{{- else -}}
+{{ .Values.node.xdsAddress | default "istiod.istio-system.svc:15012" }}
+{{- end -}}
 {{- end -}}
