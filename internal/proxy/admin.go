@@ -25,6 +25,7 @@ func (p *Proxy) serveAdmin(l net.Listener) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/config_dump", p.configDump)
 	mux.HandleFunc("/logging", p.logging)
+	mux.HandleFunc("/quitquitquit", p.quitquitquit)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -35,9 +36,22 @@ func (p *Proxy) serveAdmin(l net.Listener) {
 			http.NotFound(w, r)
 			return
 		}
-		fmt.Fprintln(w, "ambit admin: /config_dump /logging[?level=debug|info|warn|error] /debug/pprof/")
+		fmt.Fprintln(w, "ambit admin: /config_dump /logging[?level=debug|info|warn|error] /quitquitquit (POST) /debug/pprof/")
 	})
 	p.serveHTTP(l, mux)
+}
+
+// quitquitquit (POST, as ztunnel's and Envoy's) stops the proxy as SIGTERM
+// does: listeners closed, GOAWAY, live connections given the drain time.
+func (p *Proxy) quitquitquit(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "POST to stop the proxy", http.StatusMethodNotAllowed)
+		return
+	}
+	p.log.Info("asked to stop on the admin port (/quitquitquit)", "peer", r.RemoteAddr)
+	p.quitOnce.Do(func() { close(p.quit) })
+	fmt.Fprintln(w, "OK")
 }
 
 func (p *Proxy) serveMetrics(l net.Listener) {

@@ -105,6 +105,11 @@ func (p *Proxy) inbound(ctx context.Context, in inboundReq) bool {
 		return false
 	}
 	tc.DstWorkload, tc.DstIdentity = dst, dst.Identity()
+	if dst.Unsupported != "" {
+		// Its waypoint (say) would apply policy Ambit cannot: not around it.
+		fail(http.StatusServiceUnavailable, telemetry.FlagUnsupported, unsupported("workload "+dst.Namespace+"/"+dst.Name, dst.Unsupported))
+		return false
+	}
 	ac := authz.Conn{Source: in.src, Destination: in.target, SourceID: in.peer}
 	d := authz.Evaluate(ix.PoliciesFor(dst), ac)
 	if len(d.DryRun) > 0 {

@@ -569,3 +569,120 @@ func TestCapturePortsRefuseLoops(t *testing.T) {
 			strings.Count(s, "the connection was not redirected to this port") == 2
 	})
 }
+
+// TestUnsupportedIsRefusedNotBypassed: a destination that needs what Ambit
+// does not implement yet (here a waypoint, as istiod sends it) is refused
+// on the way out and on the way in, with the reason in the access log and
+// the failure counted with flag UNSUPPORTED; everything else is served.
+func TestUnsupportedIsRefusedNotBypassed(t *testing.T) {
+	m := newMesh(t, "", "")
+	m.mustEcho(m.serverIP.String(), 8080)
+	ix, err := config.Parse("mesh.yaml", []byte(m.config("", "")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark := func(uid, svcHost string) *workload.Index {
+		ws := copyMarked(ix.Workloads(), func(w *workload.Workload) bool { return w.UID == uid }, func(w *workload.Workload) { w.Unsupported = "a waypoint" })
+		ss := copyMarked(ix.Services(), func(s *workload.Service) bool { return s.Hostname == svcHost }, func(s *workload.Service) { s.Unsupported = "a waypoint" })
+		out, err := workload.NewIndex(ws, ss, ix.Policies())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	refused := func(host string, port uint16) {
+		t.Helper()
+		c, code, err := m.socks(host, port)
+		if err == nil && code == 0 {
+			c.Close()
+			t.Fatalf("%s:%d was served; want it refused", host, port)
+		}
+		if c != nil {
+			c.Close()
+		}
+	}
+	// The service has a waypoint: its VIP is refused, the pod itself served.
+	if err := m.client.p.SetIndex(mark("", "echo.default.svc.cluster.local")); err != nil {
+		t.Fatal(err)
+	}
+	refused(fmt.Sprintf("10.96.%d.10", m.n), 80)
+	m.mustEcho(m.serverIP.String(), 8080)
+	// The workload has one: refused by the client's proxy ...
+	if err := m.client.p.SetIndex(mark("test//server", "")); err != nil {
+		t.Fatal(err)
+	}
+	refused(m.serverIP.String(), 8080)
+	// ... and by the server's, from a client that does not know.
+	if err := m.client.p.SetIndex(ix); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.server.p.SetIndex(mark("test//server", "")); err != nil {
+		t.Fatal(err)
+	}
+	c, code, err := m.socks(m.serverIP.String(), 8080)
+	if err == nil && code == 0 {
+		back, rerr := roundTrip(c, []byte("hi\n"))
+		c.Close()
+		if rerr == nil && string(back) == "hi\n" {
+			t.Fatal("the server's proxy served a workload with a waypoint around it")
+		}
+	}
+	for _, n := range []*node{m.client, m.server} {
+		testutil.WaitFor(t, "the refusal in the access log", func() bool {
+			return strings.Contains(n.log.String(), "needs a waypoint, which Ambit does not implement yet: refused (fail closed)")
+		})
+		metrics := get(t, "http://"+netip.AddrPortFrom(n.ip, ambient.StatsPort).String()+"/metrics")
+		if !strings.Contains(metrics, `response_flags="UNSUPPORTED"`) {
+			t.Errorf("no failure counted with flag UNSUPPORTED:\n%s", metrics)
+		}
+	}
+}
+
+// copyMarked is items with those that match replaced by marked copies.
+func copyMarked[T any](items []*T, match func(*T) bool, mark func(*T)) []*T {
+	out := make([]*T, 0, len(items))
+	for _, it := range items {
+		if match(it) {
+			c := *it
+			mark(&c)
+			it = &c
+		}
+		out = append(out, it)
+	}
+	return out
+}
+
+// TestQuitQuitQuit: POST /quitquitquit on the admin port stops the proxy as
+// SIGTERM does (ztunnel's and Envoy's endpoint); any other method is 405.
+func TestQuitQuitQuit(t *testing.T) {
+	m := newMesh(t, "", "")
+	admin := "http://" + netip.AddrPortFrom(m.serverIP, ambient.AdminPort).String() + "/quitquitquit"
+	resp, err := http.Get(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("GET /quitquitquit: %d, want 405", resp.StatusCode)
+	}
+	m.mustEcho(m.serverIP.String(), 8080)
+	resp, err = http.Post(admin, "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /quitquitquit: %d", resp.StatusCode)
+	}
+	testutil.WaitFor(t, "the server's proxy stopped", func() bool {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(m.serverIP, ambient.ReadinessPort).String(), time.Second)
+		if err != nil {
+			return true
+		}
+		c.Close()
+		return false
+	})
+	if !strings.Contains(m.server.log.String(), "asked to stop on the admin port") {
+		t.Errorf("no log line for the stop:\n%s", m.server.log.String())
+	}
+}

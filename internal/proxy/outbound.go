@@ -73,15 +73,35 @@ func (p *Proxy) resolve(ix *workload.Index, src *workload.Workload, dst netip.Ad
 		return p.resolveService(svc, dst.Port(), src)
 	}
 	if w := ix.WorkloadByAddr(p.network(), dst.Addr()); w != nil {
+		if w.Unsupported != "" {
+			return route{}, unsupported("workload "+w.Namespace+"/"+w.Name, w.Unsupported)
+		}
 		return workloadRoute(w, nil, dst.Addr(), dst.Port()), nil
+	}
+	if svc := ix.ServiceCovering(p.network(), dst.Addr()); svc != nil {
+		return route{}, unsupported("service "+svc.Key().String(), svc.Unsupported)
 	}
 	return route{kind: routePassthrough, dial: dst}, nil
 }
 
+// unsupported refuses traffic to a destination that needs what Ambit does
+// not implement yet, rather than sending it around (a waypoint would apply
+// L7 policy): fail closed, with the reason in the access log and the
+// connection counted failed with flag UNSUPPORTED.
+func unsupported(what, needs string) *refusal {
+	return &refusal{telemetry.FlagUnsupported, what + " needs " + needs + ", which Ambit does not implement yet: refused (fail closed)"}
+}
+
 func (p *Proxy) resolveService(svc *workload.Service, port uint16, src *workload.Workload) (route, error) {
+	if svc.Unsupported != "" {
+		return route{}, unsupported("service "+svc.Key().String(), svc.Unsupported)
+	}
 	w, target, err := p.pick(svc, port, src)
 	if err != nil {
 		return route{}, &refusal{telemetry.FlagNoEndpoint, err.Error()}
+	}
+	if w.Unsupported != "" {
+		return route{}, unsupported("workload "+w.Namespace+"/"+w.Name+" (an endpoint of "+svc.Key().String()+")", w.Unsupported)
 	}
 	ip := w.IPs[0]
 	for _, a := range w.IPs { // same family as the VIPs, if it has one

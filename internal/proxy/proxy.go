@@ -137,6 +137,9 @@ type Proxy struct {
 	tracked map[identity.ID]bool
 	warned  sync.Once // the dedicated-mode source-IP fallback, said once
 
+	quit     chan struct{} // closed by /quitquitquit: Run ends as when its context does
+	quitOnce sync.Once
+
 	wg sync.WaitGroup
 }
 
@@ -179,6 +182,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 		live:    map[*liveConn]struct{}{},
 		pods:    map[netip.Addr]*pod{},
 		tracked: map[identity.ID]bool{},
+		quit:    make(chan struct{}),
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
@@ -391,14 +395,14 @@ func (p *Proxy) Run(ctx context.Context) error {
 			s.serve(l)
 		}()
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-p.quit:
+	}
+	p.log.Info("stopping: listeners closed, HBONE connections told GOAWAY, live connections drained", "drain", p.drainTimeout().String())
 	closeAll()
 	p.removeAllPods()
-	drain := p.opts.DrainTimeout
-	if drain <= 0 {
-		drain = DefaultDrainTimeout
-	}
-	shutCtx, cancel := context.WithTimeout(context.Background(), drain)
+	shutCtx, cancel := context.WithTimeout(context.Background(), p.drainTimeout())
 	defer cancel()
 	_ = p.server.Shutdown(shutCtx)
 	p.closeInbound("proxy shutting down")
@@ -408,6 +412,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	p.wg.Wait()
 	return nil
+}
+
+func (p *Proxy) drainTimeout() time.Duration {
+	if p.opts.DrainTimeout > 0 {
+		return p.opts.DrainTimeout
+	}
+	return DefaultDrainTimeout
 }
 
 // guard wraps a listener of the proxy's so that its accept loop survives

@@ -27,6 +27,9 @@ const (
 	FlagTLSFailure  = "TLS_FAILURE" // the tunnel's handshake failed
 	FlagNoEndpoint  = "NO_HEALTHY_UPSTREAM"
 	FlagPolicyClose = "DENY_LATE" // closed by a policy change while open
+	// FlagUnsupported: the destination needs what Ambit does not implement
+	// yet (a waypoint, a network gateway, ...): refused, fail closed.
+	FlagUnsupported = "UNSUPPORTED"
 )
 
 // Direction says which way a proxy carries a connection.

@@ -25,6 +25,12 @@ type Index struct {
 	byKey     map[NamespacedHost]*Service
 	endpoints map[NamespacedHost][]Endpoint
 	byPolicy  map[string]*authz.Policy
+	prefixes  []prefixed // services' CIDR addresses, refused
+}
+
+type prefixed struct {
+	p   NetworkPrefix
+	svc *Service
 }
 
 // Endpoint is a workload behind a service, with its port mapping.
@@ -49,12 +55,29 @@ func (e *IndexError) Error() string {
 // Option changes how NewIndex judges its input.
 type Option func(*options)
 
-type options struct{ dangling bool }
+type options struct {
+	dangling bool
+	// overlaps: who keeps an address two workloads (or a VIP two
+	// services) claim; nil: an error.
+	wrank    func(*Workload) uint64
+	srank    func(*Service) uint64
+	conflict func(string)
+}
 
 // AllowDangling accepts references to policies and services that are not
 // (yet) there: over xDS, a workload may arrive before what it names. A
 // missing policy then applies to nobody, a missing service has no VIP.
 func AllowDangling() Option { return func(o *options) { o.dangling = true } }
+
+// Overlaps accepts addresses claimed twice, as ztunnel does over xDS: of
+// two workloads with one address (or two services with one VIP) the one of
+// higher rank keeps it (a source ranks by arrival: the later wins), and a
+// workload's address may be a service's VIP too (the VIP is looked up
+// first). Each conflict is told to report, for a log line. Without it such
+// input is an error (a local file's mistake).
+func Overlaps(workloadRank func(*Workload) uint64, serviceRank func(*Service) uint64, report func(string)) Option {
+	return func(o *options) { o.wrank, o.srank, o.conflict = workloadRank, serviceRank, report }
+}
 
 // NewIndex checks the parts fit together (unique UIDs, addresses, service
 // keys and VIPs and policy keys; every reference resolves) and indexes them.
@@ -88,9 +111,21 @@ func NewIndex(workloads []*Workload, services []*Service, policies []*authz.Poli
 		ix.byHost[s.Hostname] = append(ix.byHost[s.Hostname], s)
 		for _, vip := range s.VIPs {
 			if prev, dup := ix.byVIP[vip]; dup {
-				return nil, &IndexError{"service", i, "vips", fmt.Sprintf("VIP %s is already service %s's", vip, prev.Key())}
+				if o.srank == nil {
+					return nil, &IndexError{"service", i, "vips", fmt.Sprintf("VIP %s is already service %s's", vip, prev.Key())}
+				}
+				keep, lose := prev, s
+				if o.srank(s) > o.srank(prev) {
+					keep, lose = s, prev
+				}
+				o.conflict(fmt.Sprintf("VIP %s is claimed by services %s and %s; %s keeps it", vip, lose.Key(), keep.Key(), keep.Key()))
+				ix.byVIP[vip] = keep
+				continue
 			}
 			ix.byVIP[vip] = s
+		}
+		for _, p := range s.Prefixes {
+			ix.prefixes = append(ix.prefixes, prefixed{p, s})
 		}
 	}
 	for i, w := range workloads {
@@ -102,11 +137,23 @@ func NewIndex(workloads []*Workload, services []*Service, policies []*authz.Poli
 		}
 		ix.byUID[w.UID] = w
 		for _, ip := range w.IPs {
+			if w.HostNetwork {
+				break // shared with the node's other host-network workloads: no lookup by address
+			}
 			a := NetworkAddr{Network: w.Network, IP: ip}
 			if prev, dup := ix.byAddr[a]; dup {
-				return nil, &IndexError{"workload", i, "workloadIps", fmt.Sprintf("address %s is already workload %q's", a, prev.UID)}
+				if o.wrank == nil {
+					return nil, &IndexError{"workload", i, "workloadIps", fmt.Sprintf("address %s is already workload %q's", a, prev.UID)}
+				}
+				keep, lose := prev, w
+				if o.wrank(w) > o.wrank(prev) {
+					keep, lose = w, prev
+				}
+				o.conflict(fmt.Sprintf("address %s is claimed by workloads %s and %s; %s keeps it", a, lose.UID, keep.UID, keep.UID))
+				ix.byAddr[a] = keep
+				continue
 			}
-			if s, clash := ix.byVIP[a]; clash {
+			if s, clash := ix.byVIP[a]; clash && o.wrank == nil {
 				return nil, &IndexError{"workload", i, "workloadIps", fmt.Sprintf("address %s is service %s's VIP", a, s.Key())}
 			}
 			ix.byAddr[a] = w
@@ -156,6 +203,18 @@ func (ix *Index) WorkloadByAddr(network string, ip netip.Addr) *Workload {
 // ServiceByVIP finds the service whose VIP is ip on network.
 func (ix *Index) ServiceByVIP(network string, ip netip.Addr) *Service {
 	return ix.byVIP[NetworkAddr{Network: network, IP: ip.Unmap()}]
+}
+
+// ServiceCovering finds a service with a CIDR address (refused: see
+// Service.Prefixes) that holds ip on network.
+func (ix *Index) ServiceCovering(network string, ip netip.Addr) *Service {
+	ip = ip.Unmap()
+	for _, p := range ix.prefixes {
+		if p.p.Network == network && p.p.Prefix.Contains(ip) {
+			return p.svc
+		}
+	}
+	return nil
 }
 
 // ServicesByHost lists the services with a hostname (one per namespace).

@@ -98,6 +98,14 @@ type Workload struct {
 	Services              map[NamespacedHost]map[uint16]uint16 `json:"-"` // service → service port → target port
 	Capacity              uint32                               `json:"capacity"`
 	Locality              Locality                             `json:"locality,omitempty"`
+	// HostNetwork: the workload shares its node's address with others
+	// (istiod's HOST_NETWORK mode), so it is never looked up by address;
+	// it is still an endpoint, dialled at its address.
+	HostNetwork bool `json:"hostNetwork,omitempty"`
+	// Unsupported, if set, names what the workload needs that Ambit does
+	// not implement yet (a waypoint, a network gateway, ...): traffic to
+	// it is refused (fail closed) rather than sent around it.
+	Unsupported string `json:"unsupported,omitempty"`
 }
 
 // FillDefaults sets what Istio leaves empty to ztunnel's defaults: trust
@@ -143,6 +151,17 @@ type Service struct {
 	Ports           map[uint16]uint16 `json:"ports"` // service port → target port (0: the endpoint's own mapping)
 	SubjectAltNames []string          `json:"subjectAltNames,omitempty"`
 	LoadBalancer    *LoadBalancer     `json:"loadBalancer,omitempty"`
+	// Prefixes are addresses given as CIDR ranges (a ServiceEntry's); they
+	// go with Unsupported: traffic into them is refused.
+	Prefixes []NetworkPrefix `json:"-"`
+	// Unsupported: as for a Workload; traffic to the service is refused.
+	Unsupported string `json:"unsupported,omitempty"`
+}
+
+// NetworkPrefix is a range of addresses on a network.
+type NetworkPrefix struct {
+	Network string
+	Prefix  netip.Prefix
 }
 
 // Key names the service as workloads and xDS refer to it.

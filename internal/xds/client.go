@@ -31,11 +31,17 @@ type Client struct {
 	Node Node
 	Log  *slog.Logger
 
-	mu       sync.Mutex
-	state    map[string]map[string]held // type -> name -> resource
-	acked    map[string]bool
-	lastNACK string
-	synced   chan struct{} // closed once both types were ACKed; made on first use
+	mu        sync.Mutex
+	state     map[string]map[string]held // type -> name -> resource
+	acked     map[string]bool
+	lastNACK  string
+	synced    chan struct{} // closed once both types were ACKed; made on first use
+	seq       uint64        // arrival order of resources: of two claiming one address, the later wins
+	conflicts map[string]bool
+	// Rejected counts resources refused one by one (a push's others are
+	// served); Conflicts counts addresses claimed twice. Read with
+	// Counters.
+	rejected, overlaps uint64
 }
 
 var _ workload.Source = (*Client)(nil)
@@ -71,6 +77,7 @@ func (n Node) wire() (id string, meta []byte, err error) {
 // held is a resource the client holds, converted.
 type held struct {
 	version string
+	seq     uint64
 	w       *workload.Workload
 	s       *workload.Service
 	p       *authz.Policy
@@ -168,12 +175,16 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 			return err
 		}
 		ack := &deltaRequest{nodeID: nodeID, typeURL: resp.typeURL, nonce: resp.nonce}
-		if err := c.handle(&resp, apply); err != nil {
+		if applied, err := c.handle(&resp, apply); err != nil {
 			ack.errorDetail = &rpcStatus{code: 3, message: err.Error()} // INVALID_ARGUMENT
 			c.mu.Lock()
 			c.lastNACK = err.Error()
 			c.mu.Unlock()
-			c.Log.Warn("xds push rejected (NACK); keeping the last good config", "type", resp.typeURL, "err", err)
+			if applied {
+				c.Log.Warn("xds push served but for resources refused (NACK names them); those keep their last good version", "type", resp.typeURL, "err", err)
+			} else {
+				c.Log.Warn("xds push rejected (NACK); keeping the last good config", "type", resp.typeURL, "err", err)
+			}
 		}
 		if err := send(stream, ack); err != nil {
 			return err
@@ -181,12 +192,16 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 	}
 }
 
-// handle applies one push to a copy of the state; only a push that
-// converts, fits together and is applied replaces the state.
-func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) error {
+// handle applies one push to a copy of the state, resource by resource:
+// one that does not decode or convert is refused alone (the version held
+// before stays, and the NACK names it) and the rest of the push is served,
+// as ztunnel does: a push is never refused whole for one resource. A
+// policy that does not convert is held as one that denies everything in
+// its scope (fail closed) until a good version comes.
+func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) (applied bool, err error) {
 	typ := resp.typeURL
 	if typ != AddressType && typ != AuthorizationType {
-		return fmt.Errorf("unknown type %s", typ)
+		return false, fmt.Errorf("unknown type %s", typ)
 	}
 	c.mu.Lock()
 	next := map[string]map[string]held{}
@@ -203,44 +218,33 @@ func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) 
 	}
 	var errs []error
 	for _, r := range resp.resources {
-		var res held
-		var err error
-		switch typ {
-		case AddressType:
-			var a wapi.Address
-			if err = r.unmarshalBody(typ, &a); err == nil {
-				switch {
-				case a.GetWorkload() != nil:
-					res.w, err = WorkloadFromProto(a.GetWorkload())
-				case a.GetService() != nil:
-					res.s, err = ServiceFromProto(a.GetService())
-				default:
-					err = errors.New("address holds neither a workload nor a service")
-				}
-			}
-		case AuthorizationType:
-			var p sapi.Authorization
-			if err = r.unmarshalBody(typ, &p); err == nil {
-				res.p, err = PolicyFromProto(&p)
-			}
-		}
+		res, err := convert(typ, r)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", r.name, err))
-			continue
+			if res.p == nil {
+				continue
+			}
+			c.Log.Error("policy refused; denying everything in its scope until a good version comes", "policy", r.name, "err", err)
 		}
 		res.version = r.version
+		c.mu.Lock()
+		c.seq++
+		res.seq = c.seq
+		c.mu.Unlock()
 		next[typ][r.name] = res
 	}
-	if err := errors.Join(errs...); err != nil {
-		return err
+	if len(errs) > 0 {
+		c.mu.Lock()
+		c.rejected += uint64(len(errs))
+		c.mu.Unlock()
 	}
-	ix, err := build(next)
+	ix, err := c.build(next)
 	if err != nil {
-		return err
+		return false, errors.Join(append(errs, err)...)
 	}
 	if apply != nil {
 		if err := apply(ix); err != nil {
-			return err
+			return false, errors.Join(append(errs, err)...)
 		}
 	}
 	c.mu.Lock()
@@ -251,7 +255,43 @@ func (c *Client) handle(resp *deltaResponse, apply func(*workload.Index) error) 
 		close(c.syncedLocked()) // once: acked types stay acked
 	}
 	c.mu.Unlock()
-	return nil
+	return true, errors.Join(errs...) // served; NACKed for the ones refused
+}
+
+// convert decodes and converts one resource of a push of typ. A policy
+// that does not convert comes back, with the error, as a deny-all of its
+// namespace when its name is known.
+func convert(typ string, r *resource) (held, error) {
+	var res held
+	var err error
+	switch typ {
+	case AddressType:
+		var a wapi.Address
+		if err = r.unmarshalBody(typ, &a); err == nil {
+			switch {
+			case a.GetWorkload() != nil:
+				res.w, err = WorkloadFromProto(a.GetWorkload())
+			case a.GetService() != nil:
+				res.s, err = ServiceFromProto(a.GetService())
+			default:
+				err = errors.New("address holds neither a workload nor a service")
+			}
+		}
+	case AuthorizationType:
+		var p sapi.Authorization
+		if err = r.unmarshalBody(typ, &p); err == nil {
+			res.p, err = PolicyFromProto(&p)
+		}
+		if err != nil && p.GetName() != "" && p.GetNamespace() != "" {
+			scope := authz.ScopeNamespace
+			if p.Scope == sapi.Scope_GLOBAL {
+				scope = authz.ScopeGlobal
+			}
+			// One rule of no clauses matches every connection.
+			res.p = &authz.Policy{Name: p.Name, Namespace: p.Namespace, Scope: scope, Action: authz.ActionDeny, Rules: [][][]authz.Match{{}}}
+		}
+	}
+	return res, err
 }
 
 // unmarshalBody decodes the resource's body into m, which must be of the
@@ -266,16 +306,23 @@ func (r *resource) unmarshalBody(typ string, m proto.Message) error {
 	return proto.Unmarshal(r.body, m)
 }
 
-func build(st map[string]map[string]held) (*workload.Index, error) {
+// build makes the index of what the client holds. Addresses claimed twice
+// are settled as ztunnel settles them: the resource that came later keeps
+// the address; each conflict is logged once and counted.
+func (c *Client) build(st map[string]map[string]held) (*workload.Index, error) {
 	var ws []*workload.Workload
 	var ss []*workload.Service
 	var ps []*authz.Policy
+	wseq := map[*workload.Workload]uint64{}
+	sseq := map[*workload.Service]uint64{}
 	for _, r := range st[AddressType] {
 		if r.w != nil {
 			ws = append(ws, r.w)
+			wseq[r.w] = r.seq
 		}
 		if r.s != nil {
 			ss = append(ss, r.s)
+			sseq[r.s] = r.seq
 		}
 	}
 	for _, r := range st[AuthorizationType] {
@@ -285,5 +332,26 @@ func build(st map[string]map[string]held) (*workload.Index, error) {
 	slices.SortFunc(ws, func(a, b *workload.Workload) int { return strings.Compare(a.UID, b.UID) })
 	slices.SortFunc(ss, func(a, b *workload.Service) int { return strings.Compare(a.Key().String(), b.Key().String()) })
 	slices.SortFunc(ps, func(a, b *authz.Policy) int { return strings.Compare(a.Key(), b.Key()) })
-	return workload.NewIndex(ws, ss, ps, workload.AllowDangling())
+	report := func(msg string) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.overlaps++
+		if c.conflicts == nil {
+			c.conflicts = map[string]bool{}
+		}
+		if !c.conflicts[msg] && len(c.conflicts) < 1000 { // bounded: a flood of conflicts is counted, not remembered
+			c.conflicts[msg] = true
+			c.Log.Warn("xds: address claimed twice", "conflict", msg)
+		}
+	}
+	return workload.NewIndex(ws, ss, ps, workload.AllowDangling(),
+		workload.Overlaps(func(w *workload.Workload) uint64 { return wseq[w] }, func(s *workload.Service) uint64 { return sseq[s] }, report))
+}
+
+// Counters are the client's running counts: resources refused one by one
+// (their push otherwise served) and addresses claimed twice.
+func (c *Client) Counters() (rejected, overlaps uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rejected, c.overlaps
 }

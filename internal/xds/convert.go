@@ -92,19 +92,30 @@ func WorkloadFromProto(p *wapi.Workload) (*workload.Workload, error) {
 		}
 		w.IPs = append(w.IPs, ip.Unmap())
 	}
+	// What Ambit cannot serve yet is kept, marked: the rest of the push
+	// is served, and traffic that would need it is refused.
+	var needs []string
 	switch p.TunnelProtocol {
 	case wapi.TunnelProtocol_NONE:
 	case wapi.TunnelProtocol_HBONE:
 		w.Protocol = workload.ProtocolHBONE
 	default:
-		return nil, fmt.Errorf("workload %s: tunnel protocol %v is not supported", p.Uid, p.TunnelProtocol)
+		needs = append(needs, "tunnel protocol "+p.TunnelProtocol.String())
 	}
 	if p.Status == wapi.WorkloadStatus_UNHEALTHY {
 		w.Status = workload.Unhealthy
 	}
-	if p.Waypoint != nil || p.NetworkGateway != nil || p.ApplicationTunnel != nil {
-		return nil, fmt.Errorf("workload %s: waypoints, network gateways and application tunnels are not supported by Ambit yet", p.Uid)
+	if p.Waypoint != nil {
+		needs = append(needs, "a waypoint")
 	}
+	if p.NetworkGateway != nil {
+		needs = append(needs, "a network gateway")
+	}
+	if p.ApplicationTunnel != nil {
+		needs = append(needs, "an application tunnel")
+	}
+	w.Unsupported = strings.Join(needs, ", ")
+	w.HostNetwork = p.NetworkMode == wapi.NetworkMode_HOST_NETWORK
 	if l := p.Locality; l != nil {
 		w.Locality = workload.Locality{Region: l.Region, Zone: l.Zone, Subzone: l.Subzone}
 	}
@@ -177,12 +188,25 @@ func ServiceFromProto(p *wapi.Service) (*workload.Service, error) {
 		return nil, errors.New("service: name, namespace and hostname are required")
 	}
 	s := &workload.Service{Name: p.Name, Namespace: p.Namespace, Hostname: p.Hostname, SubjectAltNames: p.SubjectAltNames, Ports: map[uint16]uint16{}}
+	var needs []string
 	for i, a := range p.Addresses {
 		ip, ok := netip.AddrFromSlice(a.Address)
 		if !ok {
 			return nil, fmt.Errorf("service %s/%s: address %d is %d bytes", p.Namespace, p.Hostname, i, len(a.Address))
 		}
-		s.VIPs = append(s.VIPs, workload.NetworkAddr{Network: a.Network, IP: ip.Unmap()})
+		ip = ip.Unmap()
+		if a.Length != nil && int(*a.Length) < ip.BitLen() {
+			pfx, err := ip.Prefix(int(*a.Length))
+			if err != nil {
+				return nil, fmt.Errorf("service %s/%s: address %d: /%d: %w", p.Namespace, p.Hostname, i, *a.Length, err)
+			}
+			s.Prefixes = append(s.Prefixes, workload.NetworkPrefix{Network: a.Network, Prefix: pfx})
+			continue
+		}
+		s.VIPs = append(s.VIPs, workload.NetworkAddr{Network: a.Network, IP: ip})
+	}
+	if len(s.Prefixes) > 0 {
+		needs = append(needs, "CIDR addresses")
 	}
 	for _, port := range p.Ports {
 		if port.ServicePort == 0 || port.ServicePort > 65535 || port.TargetPort > 65535 {
@@ -190,9 +214,10 @@ func ServiceFromProto(p *wapi.Service) (*workload.Service, error) {
 		}
 		s.Ports[uint16(port.ServicePort)] = uint16(port.TargetPort)
 	}
-	if p.Waypoint != nil {
-		return nil, fmt.Errorf("service %s/%s: waypoints are not supported by Ambit yet", p.Namespace, p.Hostname)
+	if p.Waypoint != nil || len(p.WeightedWaypoints) > 0 {
+		needs = append(needs, "a waypoint")
 	}
+
 	if lb := p.LoadBalancing; lb != nil {
 		out := &workload.LoadBalancer{Mode: workload.LBStandard, HealthPolicy: workload.OnlyHealthy}
 		for _, r := range lb.RoutingPreference {
@@ -203,7 +228,7 @@ func ServiceFromProto(p *wapi.Service) (*workload.Service, error) {
 				}
 			}
 			if !found {
-				return nil, fmt.Errorf("service %s/%s: routing preference %v", p.Namespace, p.Hostname, r)
+				needs = append(needs, "routing preference "+r.String())
 			}
 		}
 		switch lb.Mode {
@@ -213,13 +238,14 @@ func ServiceFromProto(p *wapi.Service) (*workload.Service, error) {
 		case wapi.LoadBalancing_FAILOVER:
 			out.Mode = workload.LBFailover
 		default:
-			return nil, fmt.Errorf("service %s/%s: load-balancing mode %v is not supported", p.Namespace, p.Hostname, lb.Mode)
+			needs = append(needs, lb.Mode.String()+" load balancing")
 		}
 		if lb.HealthPolicy == wapi.LoadBalancing_ALLOW_ALL {
 			out.HealthPolicy = workload.AllowAll
 		}
 		s.LoadBalancer = out
 	}
+	s.Unsupported = strings.Join(needs, ", ")
 	return s, nil
 }
 

@@ -118,7 +118,6 @@ func TestIstioDefaultsAndRefusals(t *testing.T) {
 	}{
 		{"no uid", errOf(WorkloadFromProto(&wapi.Workload{})), "empty uid"},
 		{"5-byte address", errOf(WorkloadFromProto(&wapi.Workload{Uid: "u", Addresses: [][]byte{{1, 2, 3, 4, 5}}})), "5 bytes"},
-		{"waypoint", errOf(WorkloadFromProto(&wapi.Workload{Uid: "u", Waypoint: &wapi.GatewayAddress{}})), "not supported"},
 		{"bad service key", errOf(WorkloadFromProto(&wapi.Workload{Uid: "u", Services: map[string]*wapi.PortList{"nohost": {}}})), "namespace/hostname"},
 		{"service port 0", errOf(ServiceFromProto(&wapi.Service{Name: "s", Namespace: "n", Hostname: "h", Ports: []*wapi.Port{{ServicePort: 0}}})), "out of range"},
 		{"policy port", errOf(PolicyFromProto(&sapi.Authorization{Name: "p", Namespace: "n", Groups: []*sapi.Group{{Rules: []*sapi.Rules{{Matches: []*sapi.Match{{DestinationPorts: []uint32{70000}}}}}}}})), "out of range"},

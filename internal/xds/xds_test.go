@@ -3,10 +3,12 @@ package xds
 import (
 	"context"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/config"
 	"github.com/ambitmesh/ambit/internal/testutil"
 	"github.com/ambitmesh/ambit/internal/workload"
@@ -111,7 +113,8 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 		return len(ix.Workloads()) == 2 && len(ix.Policies()) == 0
 	})
 
-	// An invalid push is NACKed with its reason; the last good view stays.
+	// A push with one resource that does not decode is served but for it,
+	// and NACKed with its reason: the push does not freeze the rest.
 	before := got.get()
 	bad := map[string]proto.Message{
 		"u1":   WorkloadToProto(before.WorkloadByUID("u1")),
@@ -123,8 +126,11 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.WaitFor(t, "the NACK", func() bool { return strings.Contains(c.LastNACK(), "evil: workload evil: address 0 is 3 bytes") })
-	if got.get() != before {
-		t.Fatal("a NACKed push replaced the index")
+	if ix := got.get(); ix == before || ix.WorkloadByUID("evil") != nil || ix.WorkloadByUID("u1") == nil || ix.WorkloadByUID("u2") == nil || len(ix.Services()) != 1 {
+		t.Fatal("the push's good resources were not served apart from the bad one")
+	}
+	if rejected, _ := c.Counters(); rejected != 1 {
+		t.Fatalf("rejected %d resources, want 1", rejected)
 	}
 
 	// The control plane restarts on the same address: the client comes
@@ -184,4 +190,115 @@ func TestClientAgainstAMinimalServer(t *testing.T) {
 	})
 	addrs.UpdateResources(nil, []string{"u1"})
 	testutil.WaitFor(t, "the removal", func() bool { return len(got.get().Workloads()) == 0 })
+}
+
+// TestAPushNeverFreezes: what istiod sends that Ambit cannot serve yet (a
+// waypoint, a network gateway, PASSTHROUGH, CIDR addresses), addresses
+// claimed twice and host-network workloads sharing their node's address
+// are all taken into the index with the rest of the push; a policy that
+// does not convert denies everything in its scope (fail closed).
+func TestAPushNeverFreezes(t *testing.T) {
+	srv, addr, stop := serve(t, "127.0.0.1:0", parse(t, one))
+	defer stop()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	got := &latest{}
+	c := &Client{Conn: conn, Node: Node{ID: "ztunnel~10.0.0.9~z.istio-system~istio-system.svc.cluster.local"}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { c.Run(ctx, got.apply); close(done) }()
+	defer func() { cancel(); <-done }()
+	testutil.WaitFor(t, "both types acked", c.Ready)
+
+	wl := func(uid string, ip byte, f func(*wapi.Workload)) proto.Message {
+		w := &wapi.Workload{Uid: uid, Name: uid, Namespace: "default", Addresses: [][]byte{{10, 0, 1, ip}}}
+		if f != nil {
+			f(w)
+		}
+		return &wapi.Address{Type: &wapi.Address_Workload{Workload: w}}
+	}
+	svc := func(name string, f func(*wapi.Service)) proto.Message {
+		s := &wapi.Service{Name: name, Namespace: "default", Hostname: name + ".default.svc.cluster.local", Ports: []*wapi.Port{{ServicePort: 80, TargetPort: 8080}}}
+		if f != nil {
+			f(s)
+		}
+		return &wapi.Address{Type: &wapi.Address_Service{Service: s}}
+	}
+	waypoint := &wapi.GatewayAddress{Destination: &wapi.GatewayAddress_Address{Address: &wapi.NetworkAddress{Address: []byte{10, 0, 9, 9}}}, HboneMtlsPort: 15008}
+	var length uint32 = 24
+	push := map[string]proto.Message{
+		"good":       wl("good", 1, nil),
+		"waypointed": wl("waypointed", 2, func(w *wapi.Workload) { w.Waypoint = waypoint }),
+		"gatewayed":  wl("gatewayed", 3, func(w *wapi.Workload) { w.NetworkGateway = waypoint }),
+		"legacy":     wl("legacy", 4, func(w *wapi.Workload) { w.TunnelProtocol = wapi.TunnelProtocol_LEGACY_ISTIO_MTLS }),
+		"host-a":     wl("host-a", 5, func(w *wapi.Workload) { w.NetworkMode = wapi.NetworkMode_HOST_NETWORK }),
+		"host-b":     wl("host-b", 5, func(w *wapi.Workload) { w.NetworkMode = wapi.NetworkMode_HOST_NETWORK }),
+		"twin-1":     wl("twin-1", 6, nil),
+		"default/wp": svc("wp", func(s *wapi.Service) {
+			s.Addresses = []*wapi.NetworkAddress{{Address: []byte{10, 96, 0, 7}}}
+			s.Waypoint = waypoint
+		}),
+		"default/pass": svc("pass", func(s *wapi.Service) {
+			s.Addresses = []*wapi.NetworkAddress{{Address: []byte{10, 96, 0, 8}}}
+			s.LoadBalancing = &wapi.LoadBalancing{Mode: wapi.LoadBalancing_PASSTHROUGH}
+		}),
+		"default/cidr": svc("cidr", func(s *wapi.Service) {
+			s.Addresses = []*wapi.NetworkAddress{{Address: []byte{192, 168, 4, 0}, Length: &length}}
+		}),
+	}
+	if err := srv.Publish(AddressType, push); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "the push served", func() bool { ix := got.get(); return ix != nil && ix.WorkloadByUID("twin-1") != nil })
+	// Later, a second workload claims twin-1's address: the later one keeps it.
+	push["twin-2"] = wl("twin-2", 6, nil)
+	if err := srv.Publish(AddressType, push); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "the second twin", func() bool { return got.get().WorkloadByUID("twin-2") != nil })
+	ix := got.get()
+	if n := c.LastNACK(); n != "" {
+		t.Errorf("NACKed: %s", n)
+	}
+	for uid, want := range map[string]string{"good": "", "waypointed": "a waypoint", "gatewayed": "a network gateway", "legacy": "tunnel protocol LEGACY_ISTIO_MTLS"} {
+		if w := ix.WorkloadByUID(uid); w == nil || w.Unsupported != want {
+			t.Errorf("workload %s: %+v, want unsupported %q", uid, w, want)
+		}
+	}
+	for key, want := range map[string]string{"wp": "a waypoint", "pass": "PASSTHROUGH load balancing", "cidr": "CIDR addresses"} {
+		s := ix.Service(workload.NamespacedHost{Namespace: "default", Hostname: key + ".default.svc.cluster.local"})
+		if s == nil || s.Unsupported != want {
+			t.Errorf("service %s: %+v, want unsupported %q", key, s, want)
+		}
+	}
+	if s := ix.ServiceCovering("", netip.MustParseAddr("192.168.4.77")); s == nil || s.Name != "cidr" {
+		t.Errorf("an address in the CIDR service's range: %v", s)
+	}
+	if w := ix.WorkloadByAddr("", netip.MustParseAddr("10.0.1.5")); w != nil {
+		t.Errorf("a host-network workload was looked up by its shared address: %s", w.UID)
+	}
+	if w := ix.WorkloadByAddr("", netip.MustParseAddr("10.0.1.6")); w == nil || w.UID != "twin-2" {
+		t.Errorf("the address claimed twice belongs to %v, want the later twin-2", w)
+	}
+	if _, overlaps := c.Counters(); overlaps == 0 {
+		t.Error("the overlap was not counted")
+	}
+
+	// A policy that does not convert denies everything in its scope.
+	bad := &sapi.Authorization{Name: "broken", Namespace: "default", Scope: sapi.Scope_NAMESPACE, Action: sapi.Action(9)}
+	if err := srv.Publish(AuthorizationType, map[string]proto.Message{"default/broken": bad}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "the broken policy held", func() bool { return got.get().Policy("default/broken") != nil })
+	p := got.get().Policy("default/broken")
+	if p.Action != authz.ActionDeny || !strings.Contains(c.LastNACK(), "default/broken") {
+		t.Errorf("a policy that does not convert: %+v (NACK %q), want a deny-all and a NACK naming it", p, c.LastNACK())
+	}
+	d := authz.Evaluate([]*authz.Policy{p}, authz.Conn{Source: netip.MustParseAddrPort("10.0.1.1:4000"), Destination: netip.MustParseAddrPort("10.0.1.2:80")})
+	if d.Allow {
+		t.Error("the deny-all held for a broken policy allowed a connection")
+	}
 }
