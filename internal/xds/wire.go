@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"unicode/utf8"
 
 	"google.golang.org/grpc"
@@ -338,8 +339,18 @@ type adsStream interface {
 	Context() context.Context
 }
 
+// send writes one request. A stream the server has closed (it refused
+// the token, say) reports io.EOF on send; the reason is the status that
+// RecvMsg returns, so that is what send returns then.
 func send(s adsStream, m interface{ marshal() []byte }) error {
-	return s.SendMsg(carrier(m.marshal()))
+	err := s.SendMsg(carrier(m.marshal()))
+	if errors.Is(err, io.EOF) {
+		var c emptypb.Empty
+		if rerr := s.RecvMsg(&c); rerr != nil {
+			return rerr
+		}
+	}
+	return err
 }
 
 func recv(s adsStream, m interface{ unmarshal([]byte) error }) error {
