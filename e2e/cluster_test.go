@@ -206,6 +206,9 @@ func TestMeshOnARealCluster(t *testing.T) {
 		return err
 	})
 
+	// The DaemonSet's rolling update during a long transfer: no reset.
+	e.rollingUpdateResetsNothing(server.Status.PodIP, wantPeer)
+
 	// The node pod on worker1 deleted: the DaemonSet makes a new one, whose
 	// agent finds the running server pod through /proc and enrolls it
 	// again, and traffic flows through the mesh again.

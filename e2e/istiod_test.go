@@ -108,6 +108,11 @@ func TestUnderIstiod(t *testing.T) {
 	server := e.pod("demo", "server", "worker1", "server", "serve", ":8080")
 	client := e.pod("demo", "client", "master", "client", "pause")
 	e.pod("outside", "outsider", "master", "default", "pause")
+	e.kubectl("-n", "demo", "create", "service", "clusterip", "server", "--tcp=8080:8080") // selects app=server
+	svc, err := kc.CoreV1().Services("demo").Get(ctx, "server", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	serverURL := "http://" + server.Status.PodIP + ":8080/"
 	get := func(ns, pod string) (string, error) {
 		out, err := e.c.Kubectl(ctx, "-n", ns, "exec", pod, "--", "/testapp", "get", serverURL)
@@ -172,6 +177,9 @@ spec:
 	if out, err := get("demo", "client"); err == nil {
 		t.Errorf("a denied request went through: %s", out)
 	}
+
+	// Istio's istioctl reads the proxy's state as it reads ztunnel's.
+	e.checkIstioctl("worker1", server.Status.PodIP, client.Status.PodIP, svc.Spec.ClusterIP)
 }
 
 // istioCRDs is Istio's CRDs file from the istio.io/istio module go.mod

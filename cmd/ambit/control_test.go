@@ -223,11 +223,12 @@ func TestCertificateRotationDuringATransfer(t *testing.T) {
 		}
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
-		i := strings.Index(string(b), `"serial": "`)
-		if i < 0 {
+		_, rest, ok := strings.Cut(string(b), `"serialNumber": "`) // the leaf's comes first
+		if !ok {
 			return ""
 		}
-		return string(b[i+11 : i+11+8])
+		serial, _, _ := strings.Cut(rest, `"`)
+		return serial
 	}
 	c := socks(t, m.ip(10), m.ip(20)+":8080")
 	defer c.Close()

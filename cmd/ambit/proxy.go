@@ -104,6 +104,8 @@ func (pf *proxyFlags) register(cmd *cobra.Command) {
 	f.StringVar(&pf.logLevel, "log-level", "info", "debug, info, warn or error (changeable at runtime on the admin port)")
 	f.DurationVar(&o.CertTTL, "cert-ttl", identity.DefaultCertTTL, "workload certificate lifetime")
 	f.StringVar(&o.ZDSSocket, "zds-socket", "", "shared mode: take pods from the node agent on this ZDS socket (in-pod capture)")
+	f.BoolVar(&o.PortReuse, "inpod-port-reuse", true, "shared mode: open pod listeners with SO_REUSEPORT, so the proxy replacing this one in an upgrade opens them beside it (ztunnel's INPOD_PORT_REUSE)")
+	f.DurationVar(&o.DrainTimeout, "drain-timeout", 5*time.Second, "on SIGTERM, how long live connections get to finish before they are closed (ztunnel: the pod's grace period less 5 s)")
 	f.StringVar(&pf.remote.XDSAddress, "xds-address", "", "control plane: delta xDS address (instead of --config)")
 	f.StringVar(&pf.remote.CAAddress, "ca-address", "", "control plane: CA address (instead of --ca-dir)")
 	f.StringVar(&pf.remote.TokenFile, "token-file", "", "control plane: file holding this node's bearer token")

@@ -138,17 +138,28 @@ func (m *Manager) Forget(id ID) {
 	}
 }
 
-// Snapshot lists the certificates held now, for the admin endpoint.
-func (m *Manager) Snapshot() []*Certificate {
+// CertState is one tracked identity as ztunnel's admin page shows it:
+// with a certificate (Available, even while a renewal fails), with only an
+// error (Unavailable), or with neither yet (Initializing).
+type CertState struct {
+	ID   ID
+	Cert *Certificate
+	Err  error // the last failure, if no certificate is held
+}
+
+// States lists every tracked identity, for the admin endpoint.
+func (m *Manager) States() []CertState {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var out []*Certificate
-	for _, e := range m.entries {
+	out := make([]CertState, 0, len(m.entries))
+	for id, e := range m.entries {
 		e.mu.Lock()
-		if e.cert != nil {
-			out = append(out, e.cert)
+		st := CertState{ID: id, Cert: e.cert}
+		if e.cert == nil {
+			st.Err = e.lastErr
 		}
 		e.mu.Unlock()
+		out = append(out, st)
 	}
 	return out
 }

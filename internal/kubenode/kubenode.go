@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -167,10 +166,11 @@ func (n *Node) Run(ctx context.Context) error {
 			return nil
 		}
 	}
-	srv, err := n.serve()
+	srv, cleanup, err := n.serve()
 	if err != nil {
 		return err
 	}
+	defer cleanup()
 	defer srv.Close()
 	if err := n.install(ctx); err != nil {
 		return err
@@ -313,22 +313,22 @@ func writeFile(dst string, data []byte) error {
 }
 
 // serve answers the plugin on its socket.
-func (n *Node) serve() (*http.Server, error) {
-	_ = os.Remove(n.opts.Socket)
-	l, err := net.Listen("unix", n.opts.Socket)
+func (n *Node) serve() (*http.Server, func(), error) {
+	l, cleanup, err := nodeagent.ListenSocket("unix", n.opts.Socket)
 	if err != nil {
-		return nil, fmt.Errorf("kubenode: the plugin's socket: %w", err)
+		return nil, nil, fmt.Errorf("kubenode: the plugin's socket: %w", err)
 	}
 	if err := os.Chmod(n.opts.Socket, 0o600); err != nil {
 		l.Close()
-		return nil, err
+		cleanup()
+		return nil, nil, err
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /add", n.handle(n.cniAdd))
 	mux.HandleFunc("POST /del", n.handle(n.cniDel))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(l) }() // ends when Run closes srv
-	return srv, nil
+	return srv, cleanup, nil
 }
 
 func (n *Node) handle(f func(context.Context, *cni.Event) (int, error)) http.HandlerFunc {

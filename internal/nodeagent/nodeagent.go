@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -187,15 +185,11 @@ func (r *refusal) Error() string { return r.msg }
 // Serve listens on the socket and serves one proxy at a time until ctx
 // ends: each connection gets the snapshot, then the changes.
 func (a *Agent) Serve(ctx context.Context) error {
-	if err := os.MkdirAll(filepath.Dir(a.Socket), 0o755); err != nil {
-		return err
-	}
-	_ = os.Remove(a.Socket) // a stale socket from an earlier run
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: a.Socket, Net: "unixpacket"})
+	l, cleanup, err := ListenSocket("unixpacket", a.Socket)
 	if err != nil {
-		return fmt.Errorf("node agent: listen %s: %w", a.Socket, err)
+		return fmt.Errorf("node agent: %w", err)
 	}
-	defer os.Remove(a.Socket)
+	defer cleanup()
 	// Guarded: out of descriptors, the loop backs off instead of ending.
 	g := listener.Guard(l, listener.Options{Name: "zds", Log: a.log()})
 	stop := context.AfterFunc(ctx, func() { g.Close() })

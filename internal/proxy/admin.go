@@ -1,18 +1,13 @@
 package proxy
 
 import (
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"sort"
 	"strings"
 	"time"
-
-	"github.com/ambitmesh/ambit/internal/authz"
-	"github.com/ambitmesh/ambit/internal/workload"
 )
 
 func (p *Proxy) serveHTTP(l net.Listener, h http.Handler) {
@@ -96,62 +91,4 @@ func (p *Proxy) logging(w http.ResponseWriter, r *http.Request) {
 		p.log.Info("log level changed", "level", l.String())
 	}
 	fmt.Fprintf(w, "level: %s\n", strings.ToLower(lv.Level().String()))
-}
-
-// dump is the JSON of /config_dump. Certificates show identity and
-// validity; private keys never appear.
-type dump struct {
-	Version      string               `json:"version"`
-	Mode         string               `json:"mode"`
-	Workloads    []*workload.Workload `json:"workloads"`
-	Services     []serviceDump        `json:"services"`
-	Policies     []*authz.Policy      `json:"policies"`
-	Certificates []certDump           `json:"certificates"`
-}
-
-type serviceDump struct {
-	*workload.Service
-	VIPs      []string `json:"vips"`
-	Endpoints []string `json:"endpoints"`
-}
-
-type certDump struct {
-	Identity  string    `json:"identity"`
-	Serial    string    `json:"serial"`
-	NotBefore time.Time `json:"notBefore"`
-	NotAfter  time.Time `json:"notAfter"`
-	Chain     int       `json:"chainLength"`
-	Roots     int       `json:"trustBundleRoots"`
-}
-
-func (p *Proxy) configDump(w http.ResponseWriter, r *http.Request) {
-	ix := p.index.Load()
-	d := dump{Version: p.opts.Version, Workloads: ix.Workloads(), Policies: ix.Policies()}
-	if p.opts.Workload != "" {
-		d.Mode = "dedicated " + p.opts.Workload
-	} else {
-		d.Mode = "shared node " + p.opts.Node
-	}
-	for _, s := range ix.Services() {
-		sd := serviceDump{Service: s}
-		for _, v := range s.VIPs {
-			sd.VIPs = append(sd.VIPs, v.String())
-		}
-		for _, ep := range ix.Endpoints(s.Key()) {
-			sd.Endpoints = append(sd.Endpoints, ep.Workload.UID)
-		}
-		d.Services = append(d.Services, sd)
-	}
-	for _, c := range p.opts.Certs.Snapshot() {
-		leaf := c.Leaf()
-		d.Certificates = append(d.Certificates, certDump{
-			Identity: c.ID.String(), Serial: leaf.SerialNumber.Text(16),
-			NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter, Chain: len(c.Chain), Roots: len(c.Roots),
-		})
-	}
-	sort.Slice(d.Certificates, func(i, j int) bool { return d.Certificates[i].Identity < d.Certificates[j].Identity })
-	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(d)
 }

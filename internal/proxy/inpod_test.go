@@ -215,6 +215,9 @@ func TestPodEnrolledBeforeXDS(t *testing.T) {
 	if p.podAt(netip.MustParseAddr("10.250.7.2")) == nil {
 		t.Fatal("the early pod is not served at its namespace's address")
 	}
+	if active, pending := p.podCounts(); active != 1 || pending != 1 { // workload_manager_*_proxy_count
+		t.Errorf("pods active %d, pending %d; want 1 and 1 (xDS does not have it)", active, pending)
+	}
 	// Its peer outside the mesh.
 	var app net.Listener
 	if err := nsutil.Do(peerNS, func() (err error) { app, err = net.Listen("tcp", "10.250.7.3:80"); return }); err != nil {
@@ -259,6 +262,9 @@ func TestPodEnrolledBeforeXDS(t *testing.T) {
 	if back, err := try(); err != nil || !bytes.Equal(back, request) {
 		t.Fatalf("once xDS has the pod: %q, %v\nproxy log:\n%s", back, err, lb.String())
 	}
+	if active, pending := p.podCounts(); active != 1 || pending != 0 {
+		t.Errorf("once xDS has it: pods active %d, pending %d; want 1 and 0", active, pending)
+	}
 }
 
 // inPodProxy runs a shared proxy for node master, listening on nodeIP,
@@ -281,6 +287,13 @@ func inPodProxy(t *testing.T, ix *workload.Index, nodeIP netip.Addr, opts ...fun
 	done := make(chan struct{})
 	go func() { p.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
+	return p, runAgent(t, p, log), lb
+}
+
+// runAgent serves p pods from a node agent over a ZDS socket, until the
+// test ends.
+func runAgent(t *testing.T, p *Proxy, log *slog.Logger) *nodeagent.Agent {
+	t.Helper()
 	agent := &nodeagent.Agent{Socket: filepath.Join(t.TempDir(), "zds.sock"), Log: log}
 	zc := &zds.Client{Socket: agent.Socket, Handler: p.ZDS(), Log: log}
 	actx, acancel := context.WithCancel(context.Background())
@@ -288,7 +301,7 @@ func inPodProxy(t *testing.T, ix *workload.Index, nodeIP netip.Addr, opts ...fun
 	go func() { agent.Serve(actx); adone <- struct{}{} }()
 	go func() { zc.Run(actx); adone <- struct{}{} }()
 	t.Cleanup(func() { acancel(); <-adone; <-adone })
-	return p, agent, lb
+	return agent
 }
 
 // TestNotReadyBeforeTheSnapshot: with pods from ZDS, the proxy is not

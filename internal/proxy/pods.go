@@ -100,6 +100,7 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	}
 	p.pods[pd.ip] = pd
 	p.mu.Unlock()
+	p.opts.Metrics.PodStarted()
 	for i, s := range specs {
 		l := pd.listeners[i]
 		p.wg.Add(1)
@@ -159,8 +160,24 @@ func (p *Proxy) RemovePod(uid string) error {
 		return fmt.Errorf("proxy: remove pod %s: not enrolled", uid)
 	}
 	found.close()
+	p.opts.Metrics.PodStopped()
 	p.log.Info("pod removed", "uid", uid)
 	return nil
+}
+
+// podCounts is what workload_manager_active_proxy_count and
+// workload_manager_pending_proxy_count show: the pods enrolled, and of
+// them those xDS has not sent yet.
+func (p *Proxy) podCounts() (active, pending int) {
+	ix := p.index.Load()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, pd := range p.pods {
+		if ix.WorkloadByUID(pd.uid) == nil {
+			pending++
+		}
+	}
+	return len(p.pods), pending
 }
 
 func (pd *pod) close() {

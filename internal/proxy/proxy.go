@@ -140,7 +140,8 @@ type Proxy struct {
 	quit     chan struct{} // closed by /quitquitquit: Run ends as when its context does
 	quitOnce sync.Once
 
-	wg sync.WaitGroup
+	wg     sync.WaitGroup
+	relays atomic.Int64 // connections being relayed, for the drain
 }
 
 // liveConn is an inbound connection policy may close later: one object
@@ -204,6 +205,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 		Config:         opts.HBONE,
 		Log:            p.log,
 	}
+	opts.Metrics.CountPods(p.podCounts)
 	return p, nil
 }
 
@@ -405,6 +407,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	shutCtx, cancel := context.WithTimeout(context.Background(), p.drainTimeout())
 	defer cancel()
 	_ = p.server.Shutdown(shutCtx)
+	// The relays HBONE's streams do not count (captured outbound, plain
+	// TCP inbound) get the rest of the deadline too: an upgrade resets no
+	// connection that finishes within it.
+	p.waitRelays(shutCtx)
 	p.closeInbound("proxy shutting down")
 	p.dialer.Close()
 	if p.poller != nil {
@@ -480,6 +486,7 @@ func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 // ends the relay.
 func (p *Proxy) relayAsync(down, up relay.Conn, rec relayedRecord) {
 	p.wg.Add(1)
+	p.relays.Add(1)
 	relay.GoFinisher(down, up, rec)
 }
 
@@ -502,7 +509,24 @@ type relayed struct {
 
 func (r relayed) finish(rec relayedRecord, res relay.Result) {
 	defer r.p.wg.Done()
+	defer r.p.relays.Add(-1)
 	rec.end(res)
+}
+
+// waitRelays waits until no connection is relayed, or ctx ends. It polls
+// (as hbone.Server.Shutdown does): a drain happens once per process, and a
+// per-connection signal would cost every connection.
+func (p *Proxy) waitRelays(ctx context.Context) {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for p.relays.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			p.log.Warn("drain deadline passed; closing the connections still open", "open", p.relays.Load())
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // adopt hands an application socket to the proxy's poller for relaying

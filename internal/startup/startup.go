@@ -167,7 +167,8 @@ func Run(ctx context.Context, o Options) error {
 		log = slog.New(slog.DiscardHandler)
 		o.Log = log
 	}
-	m, err := o.open()
+	metrics := telemetry.NewMetrics(o.Version)
+	m, err := o.open(metrics)
 	if err != nil {
 		return err
 	}
@@ -178,7 +179,7 @@ func Run(ctx context.Context, o Options) error {
 	g, gctx := errgroup.WithContext(ctx)
 	var views workload.Handoff
 	g.Go(func() error { return m.source.Run(gctx, views.Apply) })
-	p, err := o.build(gctx, m, &views, certs)
+	p, err := o.build(gctx, m, &views, certs, metrics)
 	if err != nil || p == nil { // nil, nil: the source failed or ctx ended; g has why
 		g.Go(func() error { return err })
 		return ignoreStopped(g.Wait())
@@ -199,7 +200,7 @@ func Run(ctx context.Context, o Options) error {
 
 // build waits for the first complete view and makes the proxy from it; later
 // views go to the proxy from then on.
-func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, certs *identity.Manager) (*proxy.Proxy, error) {
+func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, certs *identity.Manager, metrics *telemetry.Metrics) (*proxy.Proxy, error) {
 	wait := o.SyncTimeout
 	if wait <= 0 {
 		wait = DefaultSyncTimeout
@@ -221,7 +222,7 @@ func (o *Options) build(ctx context.Context, m *mesh, views *workload.Handoff, c
 		Workload: o.Workload, Node: o.Node, ListenIP: o.ListenIP, ProbeIP: o.ProbeIP, ZDS: o.ZDSSocket != "",
 		PortReuse: o.PortReuse, Network: o.Network, PoolMaxStreams: o.PoolMaxStreams, DrainTimeout: o.DrainTimeout,
 		Certs: certs, HBONE: o.HBONE, Log: o.Log, LogLevel: o.LogLevel,
-		Metrics: telemetry.NewMetrics(o.Version), Version: o.Version,
+		Metrics: metrics, Version: o.Version,
 	}, initial)
 	if err != nil {
 		return nil, err
@@ -245,7 +246,8 @@ type mesh struct {
 }
 
 // open makes the source and the issuer o names: the certificate-source seam.
-func (o *Options) open() (_ *mesh, err error) {
+// An xDS source counts its messages in metrics.
+func (o *Options) open(metrics *telemetry.Metrics) (_ *mesh, err error) {
 	if o.Source != nil {
 		return &mesh{source: o.Source, issuer: o.Issuer, name: "its source", close: func() {}}, nil
 	}
@@ -301,7 +303,7 @@ func (o *Options) open() (_ *mesh, err error) {
 	}
 	conns = append(conns, conn)
 	o.Log.Info("xds node", "id", node.ID, "cluster", self.ClusterID)
-	m.source = &xds.Client{Conn: conn, Node: node, Log: o.Log}
+	m.source = &xds.Client{Conn: conn, Node: node, Log: o.Log, Observer: metrics}
 	m.name, m.remote = "the control plane at "+c.XDSAddress, true
 	return m, nil
 }

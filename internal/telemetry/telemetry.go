@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/identity"
@@ -77,6 +78,12 @@ type Metrics struct {
 	opened, closed, failed *prometheus.CounterVec
 	sent, received         *prometheus.CounterVec
 
+	// ztunnel's xDS and workload-manager (in-pod) metrics, which its
+	// dashboard reads.
+	xdsMessages, xdsBytes, xdsEnds *prometheus.CounterVec
+	podsStarted, podsStopped       prometheus.Counter
+	podCounts                      atomic.Pointer[func() (active, pending int)]
+
 	// A connection's counters, by what its labels are made of. Building
 	// the 23 labels took ~30 small allocations per call, twice per
 	// connection: in a burst of set-ups that garbage scattered the few
@@ -143,10 +150,63 @@ func NewMetrics(version string) *Metrics {
 		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent to the destination during TCP connections."),
 		received: counter("istio_tcp_received_bytes_total", "Bytes received from the destination during TCP connections."),
 	}
+	m.xdsMessages = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_xds_message_total", Help: "xDS messages received, by type URL."}, []string{"url"})
+	m.xdsBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_xds_message_bytes_total", Help: "Bytes of xDS messages received, by type URL."}, []string{"url"})
+	m.xdsEnds = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_xds_connection_terminations_total", Help: "xDS streams ended, by reason."}, []string{"reason"})
+	m.podsStarted = prometheus.NewCounter(prometheus.CounterOpts{Name: "workload_manager_proxies_started_total", Help: "Pods enrolled (their in-pod listeners opened)."})
+	m.podsStopped = prometheus.NewCounter(prometheus.CounterOpts{Name: "workload_manager_proxies_stopped_total", Help: "Pods removed."})
+	podGauge := func(name, help string, pick func(active, pending int) int) prometheus.GaugeFunc {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+			f := m.podCounts.Load()
+			if f == nil {
+				return 0
+			}
+			return float64(pick((*f)()))
+		})
+	}
+	reg.MustRegister(m.xdsMessages, m.xdsBytes, m.xdsEnds, m.podsStarted, m.podsStopped,
+		podGauge("workload_manager_active_proxy_count", "Pods enrolled now.", func(a, _ int) int { return a }),
+		podGauge("workload_manager_pending_proxy_count", "Pods enrolled whose workload xDS has not sent yet (their traffic waits for it).", func(_, p int) int { return p }))
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build", Help: "Build of the proxy."}, []string{"component", "tag"})
 	build.WithLabelValues("ztunnel", version).Set(1)
 	reg.MustRegister(build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// XDSMessage counts an xDS message received (xds.Observer).
+func (m *Metrics) XDSMessage(typeURL string, bytes int) {
+	if m != nil {
+		m.xdsMessages.WithLabelValues(typeURL).Inc()
+		m.xdsBytes.WithLabelValues(typeURL).Add(float64(bytes))
+	}
+}
+
+// XDSTermination counts an xDS stream's end (xds.Observer).
+func (m *Metrics) XDSTermination(reason string) {
+	if m != nil {
+		m.xdsEnds.WithLabelValues(reason).Inc()
+	}
+}
+
+// PodStarted and PodStopped count pods enrolled and removed.
+func (m *Metrics) PodStarted() {
+	if m != nil {
+		m.podsStarted.Inc()
+	}
+}
+
+// PodStopped: see PodStarted.
+func (m *Metrics) PodStopped() {
+	if m != nil {
+		m.podsStopped.Inc()
+	}
+}
+
+// CountPods sets what the workload-manager gauges read when scraped.
+func (m *Metrics) CountPods(f func() (active, pending int)) {
+	if m != nil {
+		m.podCounts.Store(&f)
+	}
 }
 
 // Handler serves /metrics (and /stats/prometheus).
@@ -284,7 +344,7 @@ func LogConn(log *slog.Logger, c *Conn, sent, recv int64, flags string, err erro
 		attrs = append(attrs, slog.String("dst.hbone_addr", c.DstHBONE.String()))
 	}
 	if w := c.SrcWorkload; w != nil {
-		attrs = append(attrs, slog.String("src.workload", w.Name), slog.String("src.namespace", w.Namespace))
+		attrs = append(attrs, slog.String("src.workload", w.Name), slog.String("src.namespace", w.Namespace), slog.String("src.cluster", w.ClusterID))
 	}
 	if !c.SrcIdentity.IsZero() {
 		attrs = append(attrs, slog.String("src.identity", c.SrcIdentity.String()))
@@ -293,7 +353,7 @@ func LogConn(log *slog.Logger, c *Conn, sent, recv int64, flags string, err erro
 		attrs = append(attrs, slog.String("dst.service", s.Hostname))
 	}
 	if w := c.DstWorkload; w != nil {
-		attrs = append(attrs, slog.String("dst.workload", w.Name), slog.String("dst.namespace", w.Namespace))
+		attrs = append(attrs, slog.String("dst.workload", w.Name), slog.String("dst.namespace", w.Namespace), slog.String("dst.cluster", w.ClusterID))
 	}
 	if !c.DstIdentity.IsZero() {
 		attrs = append(attrs, slog.String("dst.identity", c.DstIdentity.String()))

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"testing"
@@ -36,7 +37,7 @@ func TestAccessLogJSON(t *testing.T) {
 	}
 	want := map[string]any{
 		"msg": "connection complete", "src.addr": "10.244.0.2:35888", "dst.addr": "10.244.1.3:80",
-		"dst.hbone_addr": "10.244.1.3:15008", "src.workload": "client", "src.namespace": "default",
+		"dst.hbone_addr": "10.244.1.3:15008", "src.workload": "client", "src.namespace": "default", "src.cluster": "Kubernetes",
 		"src.identity": "spiffe://cluster.local/ns/default/sa/default", "dst.identity": "spiffe://cluster.local/ns/default/sa/default",
 		"direction": "outbound", "bytes_sent": float64(74), "bytes_recv": float64(130),
 	}
@@ -135,4 +136,44 @@ func TestMetricsSeriesCache(t *testing.T) {
 	if n > maxSeries {
 		t.Errorf("the series cache holds %d entries, above its bound %d", n, maxSeries)
 	}
+}
+
+// ztunnel's xDS and workload-manager metrics, under the names its
+// dashboard queries.
+func TestXDSAndWorkloadManagerMetrics(t *testing.T) {
+	m := NewMetrics("1.2.3")
+	const addr = "type.googleapis.com/istio.workload.Address"
+	m.XDSMessage(addr, 120)
+	m.XDSMessage(addr, 80)
+	m.XDSTermination("Reconnect")
+	m.PodStarted()
+	m.PodStarted()
+	m.PodStopped()
+	m.CountPods(func() (int, int) { return 3, 1 })
+	for _, c := range []struct {
+		name, text string
+	}{
+		{"istio_xds_message_total", `istio_xds_message_total{url="` + addr + `"} 2`},
+		{"istio_xds_message_bytes_total", `istio_xds_message_bytes_total{url="` + addr + `"} 200`},
+		{"istio_xds_connection_terminations_total", `istio_xds_connection_terminations_total{reason="Reconnect"} 1`},
+		{"workload_manager_proxies_started_total", `workload_manager_proxies_started_total 2`},
+		{"workload_manager_proxies_stopped_total", `workload_manager_proxies_stopped_total 1`},
+		{"workload_manager_active_proxy_count", `workload_manager_active_proxy_count 3`},
+		{"workload_manager_pending_proxy_count", `workload_manager_pending_proxy_count 1`},
+	} {
+		if !strings.Contains(scrape(t, m), c.text+"\n") {
+			t.Errorf("%s: want %q in the scrape", c.name, c.text)
+		}
+	}
+}
+
+// scrape is what Prometheus reads of /metrics.
+func scrape(t *testing.T, m *Metrics) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 {
+		t.Fatalf("/metrics: %d", rec.Code)
+	}
+	return rec.Body.String()
 }

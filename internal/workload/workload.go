@@ -106,6 +106,10 @@ type Workload struct {
 	// not implement yet (a waypoint, a network gateway, ...): traffic to
 	// it is refused (fail closed) rather than sent around it.
 	Unsupported string `json:"unsupported,omitempty"`
+	// Waypoint is the waypoint istiod assigned, as ztunnel writes it
+	// ("namespace/hostname" or "network/ip"); shown, not used (with it,
+	// Unsupported is set).
+	Waypoint string `json:"-"`
 }
 
 // FillDefaults sets what Istio leaves empty to ztunnel's defaults: trust
@@ -156,6 +160,10 @@ type Service struct {
 	Prefixes []NetworkPrefix `json:"-"`
 	// Unsupported: as for a Workload; traffic to the service is refused.
 	Unsupported string `json:"unsupported,omitempty"`
+	// Waypoint as for a Workload. IPFamilies is istiod's "IPv4", "IPv6"
+	// or "Dual" ("" when unset), as ztunnel writes it.
+	Waypoint   string `json:"-"`
+	IPFamilies string `json:"-"`
 }
 
 // NetworkPrefix is a range of addresses on a network.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"slices"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"github.com/ambitmesh/ambit/internal/backoff"
 	"github.com/ambitmesh/ambit/internal/workload"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 	wapi "istio.io/istio/pkg/workloadapi"
@@ -30,6 +33,9 @@ type Client struct {
 	Conn *grpc.ClientConn
 	Node Node
 	Log  *slog.Logger
+	// Observer, if set, is told of every message and every stream end:
+	// ztunnel's istio_xds_* metrics.
+	Observer Observer
 
 	mu        sync.Mutex
 	state     map[string]map[string]held // type -> name -> resource
@@ -45,6 +51,33 @@ type Client struct {
 }
 
 var _ workload.Source = (*Client)(nil)
+
+// Observer receives what ztunnel's xDS metrics count.
+type Observer interface {
+	// XDSMessage: a message of typeURL, bytes long, was received.
+	XDSMessage(typeURL string, bytes int)
+	// XDSTermination: the stream ended, for one of ztunnel's reasons
+	// (TerminationReason).
+	XDSTermination(reason string)
+}
+
+// TerminationReason classes a stream's end as ztunnel's
+// istio_xds_connection_terminations_total labels it: ConnectionError (the
+// server could not be reached: UNAVAILABLE before any message), Reconnect
+// (the server went away later: UNAVAILABLE, as istiod's connection-age
+// limit ends streams), Complete (a clean end), Error (anything else, a
+// refusal included).
+func TerminationReason(received bool, err error) string {
+	switch {
+	case err == nil || errors.Is(err, io.EOF):
+		return "Complete"
+	case status.Code(err) == codes.Unavailable && !received:
+		return "ConnectionError"
+	case status.Code(err) == codes.Unavailable:
+		return "Reconnect"
+	}
+	return "Error"
+}
 
 // Node is who the client is to the server: the fields of envoy's core.Node
 // that istiod reads of a ztunnel. Its ID must be in ztunnel's form
@@ -129,9 +162,12 @@ func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) err
 	retry := backoff.Backoff{Min: 10 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		start := time.Now()
-		err := c.session(ctx, apply)
+		received, err := c.session(ctx, apply)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if c.Observer != nil {
+			c.Observer.XDSTermination(TerminationReason(received, err))
 		}
 		if time.Since(start) > 30*time.Second {
 			retry.Reset()
@@ -146,16 +182,17 @@ func (c *Client) Run(ctx context.Context, apply func(*workload.Index) error) err
 	}
 }
 
-func (c *Client) session(ctx context.Context, apply func(*workload.Index) error) error {
+// session runs one stream; received says whether a message came on it.
+func (c *Client) session(ctx context.Context, apply func(*workload.Index) error) (received bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	nodeID, nodeMeta, err := c.Node.wire()
 	if err != nil {
-		return err
+		return false, err
 	}
 	stream, err := openADS(ctx, c.Conn)
 	if err != nil {
-		return err
+		return false, err
 	}
 	for _, typ := range []string{AddressType, AuthorizationType} {
 		c.mu.Lock()
@@ -166,13 +203,18 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 		c.mu.Unlock()
 		// No names to subscribe: a wildcard subscription.
 		if err := send(stream, &deltaRequest{nodeID: nodeID, nodeMeta: nodeMeta, typeURL: typ, initial: have}); err != nil {
-			return err
+			return false, err
 		}
 	}
 	for {
 		var resp deltaResponse
-		if err := recv(stream, &resp); err != nil {
-			return err
+		n, err := recvSized(stream, &resp)
+		if err != nil {
+			return received, err
+		}
+		received = true
+		if c.Observer != nil {
+			c.Observer.XDSMessage(resp.typeURL, n)
 		}
 		ack := &deltaRequest{nodeID: nodeID, typeURL: resp.typeURL, nonce: resp.nonce}
 		if applied, err := c.handle(&resp, apply); err != nil {
@@ -187,7 +229,7 @@ func (c *Client) session(ctx context.Context, apply func(*workload.Index) error)
 			}
 		}
 		if err := send(stream, ack); err != nil {
-			return err
+			return received, err
 		}
 	}
 }

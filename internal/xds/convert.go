@@ -107,6 +107,7 @@ func WorkloadFromProto(p *wapi.Workload) (*workload.Workload, error) {
 	}
 	if p.Waypoint != nil {
 		needs = append(needs, "a waypoint")
+		w.Waypoint = gatewayDest(p.Waypoint)
 	}
 	if p.NetworkGateway != nil {
 		needs = append(needs, "a network gateway")
@@ -216,7 +217,9 @@ func ServiceFromProto(p *wapi.Service) (*workload.Service, error) {
 	}
 	if p.Waypoint != nil || len(p.WeightedWaypoints) > 0 {
 		needs = append(needs, "a waypoint")
+		s.Waypoint = gatewayDest(p.Waypoint)
 	}
+	s.IPFamilies = ipFamilies[p.IpFamilies]
 
 	if lb := p.LoadBalancing; lb != nil {
 		out := &workload.LoadBalancer{Mode: workload.LBStandard, HealthPolicy: workload.OnlyHealthy}
@@ -424,4 +427,21 @@ func matchFromProto(m *sapi.Match) (authz.Match, error) {
 		DestinationPorts: pt(m.DestinationPorts), NotDestinationPorts: pt(m.NotDestinationPorts),
 	}
 	return out, err
+}
+
+// ipFamilies spells istiod's IP families as ztunnel's dump does.
+var ipFamilies = map[wapi.IPFamilies]string{wapi.IPFamilies_IPV4_ONLY: "IPv4", wapi.IPFamilies_IPV6_ONLY: "IPv6", wapi.IPFamilies_DUAL: "Dual"}
+
+// gatewayDest writes a gateway's destination as ztunnel's dump does:
+// "namespace/hostname" or "network/ip" ("" for none or a bad address).
+func gatewayDest(g *wapi.GatewayAddress) string {
+	if h := g.GetHostname(); h != nil {
+		return h.Namespace + "/" + h.Hostname
+	}
+	if a := g.GetAddress(); a != nil {
+		if ip, ok := netip.AddrFromSlice(a.Address); ok {
+			return a.Network + "/" + ip.Unmap().String()
+		}
+	}
+	return ""
 }

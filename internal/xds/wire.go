@@ -354,11 +354,18 @@ func send(s adsStream, m interface{ marshal() []byte }) error {
 }
 
 func recv(s adsStream, m interface{ unmarshal([]byte) error }) error {
+	_, err := recvSized(s, m)
+	return err
+}
+
+// recvSized is recv that also says how many bytes the message was.
+func recvSized(s adsStream, m interface{ unmarshal([]byte) error }) (int, error) {
 	var c emptypb.Empty
 	if err := s.RecvMsg(&c); err != nil {
-		return err
+		return 0, err
 	}
-	return m.unmarshal(carried(&c))
+	b := carried(&c)
+	return len(b), m.unmarshal(b)
 }
 
 // openADS starts a delta ADS stream on conn.

@@ -2,6 +2,8 @@ package xds
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"strings"
@@ -17,7 +19,9 @@ import (
 	cache "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	wapi "istio.io/istio/pkg/workloadapi"
 	sapi "istio.io/istio/pkg/workloadapi/security"
@@ -79,7 +83,8 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 	}
 	defer conn.Close()
 	got := &latest{}
-	c := &Client{Conn: conn, Node: Node{ID: "node-a"}}
+	obs := &observed{msgs: map[string]int{}, bytes: map[string]int{}}
+	c := &Client{Conn: conn, Node: Node{ID: "node-a"}, Observer: obs}
 	synced := c.Synced() // taken before Run: the same channel is closed later
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -142,6 +147,55 @@ func TestDeltaADSEndToEnd(t *testing.T) {
 		ix := got.get()
 		return len(ix.Workloads()) == 1 && len(ix.Policies()) == 1 && ix.WorkloadByUID("u2") == nil
 	})
+
+	// ztunnel's xDS metrics saw it all: messages of both types, with their
+	// sizes, and the stream the stopped server ended, as a Reconnect.
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if obs.msgs[AddressType] < 3 || obs.msgs[AuthorizationType] < 1 || obs.bytes[AddressType] < 100 {
+		t.Errorf("messages observed %v, bytes %v", obs.msgs, obs.bytes)
+	}
+	if len(obs.ends) < 1 || obs.ends[0] != "Reconnect" {
+		t.Errorf("stream ends observed %q, want the first a Reconnect", obs.ends)
+	}
+}
+
+// observed records what an Observer is told.
+type observed struct {
+	mu          sync.Mutex
+	msgs, bytes map[string]int
+	ends        []string
+}
+
+func (o *observed) XDSMessage(typeURL string, n int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.msgs[typeURL]++
+	o.bytes[typeURL] += n
+}
+
+func (o *observed) XDSTermination(reason string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.ends = append(o.ends, reason)
+}
+
+func TestTerminationReasons(t *testing.T) {
+	for _, c := range []struct {
+		received bool
+		err      error
+		want     string
+	}{
+		{false, status.Error(codes.Unavailable, "connection refused"), "ConnectionError"},
+		{true, status.Error(codes.Unavailable, "server closing"), "Reconnect"},
+		{true, io.EOF, "Complete"},
+		{false, status.Error(codes.InvalidArgument, "missing parts in the service node"), "Error"},
+		{true, errors.New("decode: truncated"), "Error"},
+	} {
+		if got := TerminationReason(c.received, c.err); got != c.want {
+			t.Errorf("TerminationReason(%v, %v) = %s, want %s", c.received, c.err, got, c.want)
+		}
+	}
 }
 
 // Interop the other way: Ambit's client against a minimal server built

@@ -4,9 +4,13 @@
 //
 //	testapp [pause]         sleep as the pod's PID 1 until TERM, reaping orphans
 //	                        (no arguments: the runtime starts the sandbox so)
-//	testapp serve ADDR      HTTP: "hello from LOCAL; you are REMOTE" (the client's address as seen)
+//	testapp serve ADDR      HTTP: "hello from LOCAL; you are REMOTE" (the client's address as seen),
+//	                        and a TCP echo on port 9000
 //	testapp get URL         one GET; the body on stdout; exit 1 on any error or non-200
 //	testapp hold ADDR       a TCP connection held open, printing a line per second it stays up
+//	testapp stream ADDR     a transfer to an echo at ADDR, checked byte by byte, until stdin
+//	                        says stop (or ends): "up N" a second, then "done N bytes"; exit 1
+//	                        if the connection breaks
 //
 // It is not part of the mesh: no package of Ambit imports it.
 package main
@@ -20,6 +24,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -40,6 +45,8 @@ func main() {
 		err = get(ctx, os.Args[2])
 	case cmd == "hold" && len(os.Args) == 3:
 		err = hold(ctx, os.Args[2])
+	case cmd == "stream" && len(os.Args) == 3:
+		err = stream(ctx, os.Args[2], os.Stdin)
 	default:
 		err = fmt.Errorf("unknown command or wrong arguments: %q", os.Args[1:])
 	}
@@ -80,6 +87,12 @@ func serve(ctx context.Context, addr string) error {
 		fmt.Fprintf(w, "hello from %s (%s); you are %s\n", host, r.Context().Value(http.LocalAddrContextKey), r.RemoteAddr)
 	})}
 	go func() { <-ctx.Done(); srv.Close() }() // ends with serve
+	el, err := net.Listen("tcp", ":9000")
+	if err != nil {
+		return err
+	}
+	go func() { <-ctx.Done(); el.Close() }()
+	go echo(el)
 	fmt.Fprintf(os.Stderr, "serving HTTP on %s\n", l.Addr())
 	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
 		return err
@@ -138,6 +151,106 @@ func hold(ctx context.Context, addr string) error {
 			return fmt.Errorf("connection closed: %v", err)
 		case <-tick.C:
 			fmt.Println("up")
+		}
+	}
+}
+
+// echo copies back what each connection sends, then half-closes.
+func echo(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(c, c)
+			_ = c.(*net.TCPConn).CloseWrite()
+		}()
+	}
+}
+
+// pattern is the stream's byte at offset i: a lost, repeated or reordered
+// byte shows.
+func pattern(i int64) byte { return byte(i*7 + i>>8) }
+
+// stream sends 16 KiB every 50 ms to an echo and checks every byte that
+// comes back, until control says stop (a line, or its end); then it
+// half-closes, reads the rest and reports the total. A test holds a
+// transfer open across an event (an upgrade) and ends it when it chooses.
+func stream(ctx context.Context, addr string, control io.Reader) error {
+	d := net.Dialer{Timeout: 10 * time.Second}
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	c := nc.(*net.TCPConn)
+	defer c.Close()
+	fmt.Printf("connected %s -> %s\n", c.LocalAddr(), c.RemoteAddr())
+	stop := make(chan struct{})
+	go func() { _, _ = io.ReadAll(io.LimitReader(control, 1)); close(stop) }() // any byte, or EOF
+	type result struct {
+		n   int64
+		err error
+	}
+	back := make(chan result, 1)
+	var sent int64
+	var got atomic.Int64 // bytes back, for the reports
+	go func() {
+		buf := make([]byte, 32<<10)
+		var n int64
+		for {
+			k, err := c.Read(buf)
+			for _, b := range buf[:k] {
+				if b != pattern(n) {
+					back <- result{n, fmt.Errorf("byte %d came back wrong", n)}
+					return
+				}
+				n++
+			}
+			if errors.Is(err, io.EOF) {
+				back <- result{n, nil}
+				return
+			}
+			if err != nil {
+				back <- result{n, err}
+				return
+			}
+			got.Store(n)
+		}
+	}()
+	chunk := make([]byte, 16<<10)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	report := time.NewTicker(time.Second)
+	defer report.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case r := <-back:
+			return fmt.Errorf("connection broken after %d bytes sent, %d back: %v", sent, r.n, r.err)
+		case <-report.C:
+			fmt.Printf("up %d\n", got.Load())
+		case <-tick.C:
+			for i := range chunk {
+				chunk[i] = pattern(sent + int64(i))
+			}
+			if _, err := c.Write(chunk); err != nil {
+				return fmt.Errorf("connection broken after %d bytes sent: %v", sent, err)
+			}
+			sent += int64(len(chunk))
+		case <-stop:
+			if err := c.CloseWrite(); err != nil {
+				return err
+			}
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			r := <-back
+			if r.err != nil || r.n != sent {
+				return fmt.Errorf("after stop: %d of %d bytes back: %v", r.n, sent, r.err)
+			}
+			fmt.Printf("done %d bytes\n", r.n)
+			return nil
 		}
 	}
 }

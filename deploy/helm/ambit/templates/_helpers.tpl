@@ -28,3 +28,9 @@ or istiod when Ambit's is not installed. */}}
 {{ .Values.node.xdsAddress | default "istiod.istio-system.svc:15012" }}
 {{- end -}}
 {{- end -}}
+
+{{/* The proxy's drain: the grace period less 5 s, or less 1 s at 10 s or below (ztunnel's rule). */}}
+{{- define "ambit.drainSeconds" -}}
+{{- $g := int .Values.node.terminationGracePeriodSeconds -}}
+{{- if gt $g 10 }}{{ sub $g 5 }}{{ else }}{{ max 1 (sub $g 1) }}{{ end -}}
+{{- end -}}
