@@ -104,6 +104,9 @@ func TestProxyRefusesBadConfig(t *testing.T) {
 			t.Errorf("%v started", args)
 		}
 	}
+	if _, err := run(t, "proxy", "--config", cfg, "--ca-dir", ca, "--workload", "default/a", "--drain-timeout", "0s"); err == nil || !strings.Contains(err.Error(), "--drain-timeout 0s: want a positive duration") {
+		t.Errorf("a drain of 0: %v", err)
+	}
 }
 
 // TestControlFlagErrors: each wrong combination of the control plane's

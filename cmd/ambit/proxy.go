@@ -135,6 +135,9 @@ func (pf *proxyFlags) options(cmd *cobra.Command, w *telemetry.LogWriter, enviro
 	if err := checkHBONETimers(o.HBONE); err != nil {
 		return o, err
 	}
+	if cmd.Flags().Changed("drain-timeout") && o.DrainTimeout <= 0 {
+		return o, fmt.Errorf("--drain-timeout %v: want a positive duration (the time live connections get on SIGTERM)", o.DrainTimeout)
+	}
 	if pf.listenIP != "" {
 		ip, err := netip.ParseAddr(pf.listenIP)
 		if err != nil {
