@@ -292,9 +292,10 @@ type env struct {
 // followAgentLogs streams the node agents' logs to a file until the test
 // ends: their pods are gone by the time a failure is reported.
 // upCluster brings up the seed's two-node cluster under name, with the
-// image `make image` builds loaded on its nodes; it comes down when the
-// test ends, after a dump of what ran if the test failed.
-func upCluster(t *testing.T, name string) *env {
+// image `make image` builds (and extraImages, OCI layout tars) loaded on its
+// nodes; it comes down when the test ends, after a dump of what ran if the
+// test failed.
+func upCluster(t *testing.T, name string, extraImages ...string) *env {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root (a cluster: namespaces, mounts, cgroups); `make test` runs as root")
@@ -305,7 +306,7 @@ func upCluster(t *testing.T, name string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := kubetest.UpCluster(ctx, kubetest.ClusterSpec{Name: name, Images: []string{img}, Log: logWriter{t}})
+	c, err := kubetest.UpCluster(ctx, kubetest.ClusterSpec{Name: name, Images: append([]string{img}, extraImages...), Log: logWriter{t}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,48 +31,11 @@ import (
 // in STRICT mode refuses plaintext from outside the mesh; a DENY policy
 // applied with kubectl closes a live connection.
 func TestUnderIstiod(t *testing.T) {
-	bins := os.Getenv("ISTIO_BIN")
-	if bins == "" {
-		t.Fatal("ISTIO_BIN is not set: `make istio-bins` builds Istio's components into it (`make test` sets it)")
-	}
-	pilot := filepath.Join(bins, "pilot-discovery")
-	if _, err := os.Stat(pilot); err != nil {
-		t.Fatalf("istiod: %v (`make istio-bins` builds it)", err)
-	}
+	pilot := istiodBin(t)
 	e := upCluster(t, "istiod")
-	ctx, c, kc, work := e.ctx, e.c, e.kc, e.work
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("istiod:\n%s", c.Log("istiod", 6000))
-		}
-	})
-
-	// Istio's CRDs (its base chart's), then istiod as its chart runs it for
-	// ambient, here trusting Ambit's node account as node proxies.
-	e.kubectl("apply", "--server-side", "-f", istioCRDs(t))
-	e.kubectl("create", "namespace", "istio-system")
+	ctx, c, kc := e.ctx, e.c, e.kc
 	e.kubectl("create", "namespace", "ambit-system")
-	idir := filepath.Join(work, "istiod")
-	if err := os.MkdirAll(idir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(idir, "mesh.yaml"), []byte("trustDomain: cluster.local\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	err := c.StartInWire("istiod", []string{
-		"REVISION=default", "PILOT_CERT_PROVIDER=istiod", "POD_NAME=istiod-e2e", "POD_NAMESPACE=istio-system",
-		"SERVICE_ACCOUNT=istiod", "KUBECONFIG=" + c.Kubeconfig, "CLUSTER_ID=Kubernetes",
-		"PILOT_ENABLE_AMBIENT=true", "PILOT_ENABLE_ANALYSIS=false", "CA_TRUSTED_NODE_ACCOUNTS=ambit-system/ambit-node",
-	}, idir, pilot, "discovery", "--meshConfig", filepath.Join(idir, "mesh.yaml"), "--monitoringAddr=:15014",
-		"--log_output_level=default:info", "--domain", "cluster.local", "--keepaliveMaxServerConnectionAge", "30m")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// istiod publishes its root in every namespace; the chart mounts it.
-	e.wait(2*time.Minute, "istiod's root certificate in ambit-system", func() error {
-		_, err := kc.CoreV1().ConfigMaps("ambit-system").Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
-		return err
-	})
+	e.startIstiod(pilot, "ambit-system/ambit-node", "ambit-system")
 	apiHost, apiPort := splitURL(t, c.APIServer)
 	e.helm("install", "ambit", chartDir(t), "--namespace", "ambit-system",
 		"--set", "image.tag=e2e", "--set", "image.pullPolicy=Never", "--set", "control.enabled=false",
@@ -180,6 +143,57 @@ spec:
 
 	// Istio's istioctl reads the proxy's state as it reads ztunnel's.
 	e.checkIstioctl("worker1", server.Status.PodIP, client.Status.PodIP, svc.Spec.ClusterIP)
+}
+
+// istiodBin is pilot-discovery in ISTIO_BIN (`make istio-bins`).
+func istiodBin(t *testing.T) string {
+	t.Helper()
+	bins := os.Getenv("ISTIO_BIN")
+	if bins == "" {
+		t.Fatal("ISTIO_BIN is not set: `make istio-bins` builds Istio's components into it (`make test` sets it)")
+	}
+	pilot := filepath.Join(bins, "pilot-discovery")
+	if _, err := os.Stat(pilot); err != nil {
+		t.Fatalf("istiod: %v (`make istio-bins` builds it)", err)
+	}
+	return pilot
+}
+
+// startIstiod applies Istio's CRDs (its base chart's) and runs istiod as
+// its chart runs it for ambient, beside the API server, trusting
+// nodeAccount ("namespace/serviceaccount") as node proxies; it returns once
+// istiod has published its root in rootNS.
+func (e *env) startIstiod(pilot, nodeAccount, rootNS string) {
+	t, c := e.t, e.c
+	t.Helper()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("istiod:\n%s", c.Log("istiod", 6000))
+		}
+	})
+	e.kubectl("apply", "--server-side", "-f", istioCRDs(t))
+	e.kubectl("create", "namespace", "istio-system")
+	idir := filepath.Join(e.work, "istiod")
+	if err := os.MkdirAll(idir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(idir, "mesh.yaml"), []byte("trustDomain: cluster.local\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := c.StartInWire("istiod", []string{
+		"REVISION=default", "PILOT_CERT_PROVIDER=istiod", "POD_NAME=istiod-e2e", "POD_NAMESPACE=istio-system",
+		"SERVICE_ACCOUNT=istiod", "KUBECONFIG=" + c.Kubeconfig, "CLUSTER_ID=Kubernetes",
+		"PILOT_ENABLE_AMBIENT=true", "PILOT_ENABLE_ANALYSIS=false", "CA_TRUSTED_NODE_ACCOUNTS=" + nodeAccount,
+	}, idir, pilot, "discovery", "--meshConfig", filepath.Join(idir, "mesh.yaml"), "--monitoringAddr=:15014",
+		"--log_output_level=default:info", "--domain", "cluster.local", "--keepaliveMaxServerConnectionAge", "30m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// istiod publishes its root in every namespace; the charts mount it.
+	e.wait(2*time.Minute, "istiod's root certificate in "+rootNS, func() error {
+		_, err := e.kc.CoreV1().ConfigMaps(rootNS).Get(e.ctx, "istio-ca-root-cert", metav1.GetOptions{})
+		return err
+	})
 }
 
 // istioCRDs is Istio's CRDs file from the istio.io/istio module go.mod

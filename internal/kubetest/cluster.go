@@ -103,8 +103,9 @@ var nodePaths = []struct{ path, sub string }{
 	{"/var/lib/containerd", "containerd"},
 	{"/run/containerd", "run/containerd"},
 	{"/run/netns", "run/netns"},
-	{"/var/run/ztunnel", "run/ztunnel"}, // the ZDS socket's directory (zds.DefaultSocket)
-	{"/var/run/ambit", "run/ambit"},     // the CNI plugin's socket to the agent (cni.DefaultAgentSocket)
+	{"/var/run/ztunnel", "run/ztunnel"},     // the ZDS socket's directory (zds.DefaultSocket)
+	{"/var/run/ambit", "run/ambit"},         // the CNI plugin's socket to the agent (cni.DefaultAgentSocket)
+	{"/var/run/istio-cni", "run/istio-cni"}, // istio-cni's: its plugin's socket to its agent, its logs
 	{"/var/log/pods", "log/pods"},
 	{"/var/log/containers", "log/containers"},
 }

@@ -118,6 +118,61 @@ func AmbitImage(ctx context.Context, dir, ref string) (string, error) {
 	return buildImage(ctx, dir, "./cmd/ambit", "usr/local/bin/ambit", "ambit", ref)
 }
 
+// IstioCNIImage is istio-cni's image as Istio's istio-cni chart runs it,
+// named ref, an OCI layout tar in dir: install-cni (its node agent, the
+// entrypoint) at /usr/local/bin, its CNI plugin at /opt/cni/bin (the agent
+// copies it to the node), both from istioBin (`make istio-bins`), and the
+// host's nft with its shared libraries: in nftables mode the agent runs
+// nft inside each pod's namespace. Istio's image is a distroless one with
+// iptables and nft; this one carries only what the agent runs.
+func IstioCNIImage(ctx context.Context, dir, ref, istioBin string) (string, error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", err
+	}
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return "", fmt.Errorf("kubetest: istio-cni's image needs the host's nft (apt-get install nftables): %w", err)
+	}
+	libs, err := sharedLibs(ctx, nft)
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(ref)+".tar")
+	args := []string{"run", "./tools/mkimage", "-binary", filepath.Join(istioBin, "install-cni"), "-path", "usr/local/bin/install-cni",
+		"-title", "install-cni", "-ref", ref, "-out", out,
+		"-add", filepath.Join(istioBin, "istio-cni") + "=opt/cni/bin/istio-cni", "-add", nft + "=usr/sbin/nft"}
+	for _, l := range libs {
+		args = append(args, "-add", l+"="+l)
+	}
+	mk := exec.CommandContext(ctx, "go", args...)
+	mk.Dir = root
+	if b, err := mk.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("kubetest: image %s: %v: %s", ref, err, b)
+	}
+	return out, nil
+}
+
+// sharedLibs are the libraries bin loads, the loader included, as ldd
+// lists them.
+func sharedLibs(ctx context.Context, bin string) ([]string, error) {
+	out, err := exec.CommandContext(ctx, "ldd", bin).Output()
+	if err != nil {
+		return nil, fmt.Errorf("kubetest: ldd %s: %w", bin, err)
+	}
+	var libs []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 3 && f[1] == "=>" && strings.HasPrefix(f[2], "/"):
+			libs = append(libs, f[2])
+		case len(f) >= 1 && strings.HasPrefix(f[0], "/"):
+			libs = append(libs, f[0]) // the loader
+		}
+	}
+	return libs, nil
+}
+
 // buildImage builds pkg, static, and writes its image: the binary at path.
 func buildImage(ctx context.Context, dir, pkg, path, title, ref string) (string, error) {
 	root, err := moduleRoot(ctx)

@@ -39,7 +39,9 @@ import (
 const BinaryPath = "usr/local/bin/ambit"
 
 // The cluster tests build their pods' image (tools/testapp) with the same
-// tool: -path puts the binary elsewhere and -title names it.
+// tool: -path puts the binary elsewhere and -title names it; and istio-cni's
+// image (kubetest.IstioCNIImage), whose -add files are its plugin and the
+// host's nft with its libraries. Ambit's own image has no -add.
 
 // epoch is every timestamp in the image: reproducible builds.
 var epoch = time.Unix(0, 0).UTC()
@@ -51,8 +53,10 @@ func main() {
 	arch := flag.String("arch", runtime.GOARCH, "the binary's architecture")
 	path := flag.String("path", BinaryPath, "where the image holds the binary (its entrypoint)")
 	title := flag.String("title", "ambit", "the image's org.opencontainers.image.title")
+	var extra extraFlag
+	flag.Var(&extra, "add", "SRC=DST: one more file in the image (repeatable; a test image's helper binaries and their libraries)")
 	flag.Parse()
-	digest, err := Write(Spec{Binary: *bin, Path: *path, Title: *title, Arch: *arch}, *out, *ref)
+	digest, err := Write(Spec{Binary: *bin, Path: *path, Title: *title, Arch: *arch, Extra: extra}, *out, *ref)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mkimage:", err)
 		os.Exit(1)
@@ -66,6 +70,26 @@ type Spec struct {
 	Path   string // where the image holds it, without a leading slash; default BinaryPath
 	Title  string // org.opencontainers.image.title; default "ambit"
 	Arch   string // default runtime.GOARCH
+	// Extra files, for the cluster tests' images of Istio's components
+	// (istio-cni's agent runs nft, a dynamic binary, with its libraries).
+	// Ambit's own image has none.
+	Extra []File
+}
+
+// File is one more file of an image: Src on disk (symlinks followed) at
+// Dst in the image.
+type File struct{ Src, Dst string }
+
+type extraFlag []File
+
+func (e *extraFlag) String() string { return fmt.Sprint(*e) }
+func (e *extraFlag) Set(v string) error {
+	src, dst, ok := strings.Cut(v, "=")
+	if !ok || src == "" || dst == "" {
+		return fmt.Errorf("%q: want SRC=DST", v)
+	}
+	*e = append(*e, File{Src: src, Dst: strings.TrimPrefix(dst, "/")})
+	return nil
 }
 
 func (s Spec) fill() Spec {
@@ -147,7 +171,19 @@ func Image(spec Spec) (v1.Image, error) {
 	if len(data) < 4 || !bytes.Equal(data[:4], []byte("\x7fELF")) {
 		return nil, fmt.Errorf("%s is not an ELF binary", binary)
 	}
-	layerTar, err := oneFile(spec.Path, data, 0o755)
+	entries := []entry{{spec.Path, data, 0o755}}
+	for _, f := range spec.Extra {
+		b, err := os.ReadFile(f.Src)
+		if err != nil {
+			return nil, err
+		}
+		st, err := os.Stat(f.Src)
+		if err != nil {
+			return nil, err
+		}
+		entries = append(entries, entry{f.Dst, b, int64(st.Mode().Perm())})
+	}
+	layerTar, err := files(entries)
 	if err != nil {
 		return nil, err
 	}
@@ -179,24 +215,38 @@ func Image(spec Spec) (v1.Image, error) {
 	return mutate.ConfigFile(img, cf)
 }
 
-// oneFile is a tar of one file and the directories above it.
-func oneFile(path string, data []byte, mode int64) ([]byte, error) {
+// entry is one file of a layer.
+type entry struct {
+	path string
+	data []byte
+	mode int64
+}
+
+// files is a tar of the files and the directories above them, each once.
+func files(es []entry) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
-	dirs := []string{}
-	for d := filepath.Dir(path); d != "."; d = filepath.Dir(d) {
-		dirs = append([]string{d}, dirs...)
-	}
-	for _, d := range dirs {
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+	made := map[string]bool{}
+	for _, e := range es {
+		dirs := []string{}
+		for d := filepath.Dir(e.path); d != "." && d != "/"; d = filepath.Dir(d) {
+			dirs = append([]string{d}, dirs...)
+		}
+		for _, d := range dirs {
+			if made[d] {
+				continue
+			}
+			made[d] = true
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+				return nil, err
+			}
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: e.path, Mode: e.mode, Size: int64(len(e.data)), ModTime: epoch, Format: tar.FormatPAX}); err != nil {
 			return nil, err
 		}
-	}
-	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: path, Mode: mode, Size: int64(len(data)), ModTime: epoch, Format: tar.FormatPAX}); err != nil {
-		return nil, err
-	}
-	if _, err := tw.Write(data); err != nil {
-		return nil, err
+		if _, err := tw.Write(e.data); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
@@ -112,28 +113,9 @@ func TestImageHoldsTheBinaryAndNothingElse(t *testing.T) {
 	if mt, _ := layers[0].MediaType(); mt != types.OCILayer {
 		t.Errorf("layer media type %s", mt)
 	}
-	rc, err := layers[0].Uncompressed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	tr := tar.NewReader(rc)
-	var names []string
-	for {
-		h, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		names = append(names, h.Name)
-		if h.Name == BinaryPath {
-			got, _ := io.ReadAll(tr)
-			if !bytes.Equal(got, want) || h.Mode != 0o755 {
-				t.Errorf("%s: %d bytes mode %o, want the binary's %d bytes, 0755", h.Name, len(got), h.Mode, len(want))
-			}
-		}
+	names, files := layerFiles(t, img)
+	if f := files[BinaryPath]; !bytes.Equal(f.data, want) || f.mode != 0o755 {
+		t.Errorf("%s: %d bytes mode %o, want the binary's %d bytes, 0755", BinaryPath, len(f.data), f.mode, len(want))
 	}
 	if strings.Join(names, " ") != "usr/ usr/local/ usr/local/bin/ usr/local/bin/ambit" {
 		t.Errorf("layer holds %v; want the binary and its directories only (no shell)", names)
@@ -169,6 +151,73 @@ func TestFullName(t *testing.T) {
 	} {
 		if got := fullName(ref); got != want {
 			t.Errorf("fullName(%q) = %q, want %q", ref, got, want)
+		}
+	}
+}
+
+// TestImageWithExtraFiles: a test image of Istio's components carries a
+// few more files (a plugin, a dynamic binary's libraries), each once with
+// its directories, its mode kept.
+func TestImageWithExtraFiles(t *testing.T) {
+	bin, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lib := filepath.Join(t.TempDir(), "libx.so.1")
+	if err := os.WriteFile(lib, []byte("library"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var e extraFlag
+	for _, v := range []string{bin + "=opt/cni/bin/plugin", lib + "=/usr/lib/x86_64-linux-gnu/libx.so.1"} {
+		if err := e.Set(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Set("no-destination"); err == nil {
+		t.Error("-add without =DST was taken")
+	}
+	img, err := Image(Spec{Binary: bin, Path: "usr/local/bin/install-cni", Arch: "amd64", Extra: e})
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, files := layerFiles(t, img)
+	if f := files["usr/lib/x86_64-linux-gnu/libx.so.1"]; string(f.data) != "library" || f.mode != 0o644 {
+		t.Errorf("the library: %q mode %o", f.data, f.mode)
+	}
+	want := "usr/ usr/local/ usr/local/bin/ usr/local/bin/install-cni opt/ opt/cni/ opt/cni/bin/ opt/cni/bin/plugin usr/lib/ usr/lib/x86_64-linux-gnu/ usr/lib/x86_64-linux-gnu/libx.so.1"
+	if strings.Join(names, " ") != want {
+		t.Errorf("layer holds\n%v\nwant\n%s", names, want)
+	}
+}
+
+// layerFiles reads the image's one layer: the names in order, and each
+// regular file's bytes and mode.
+func layerFiles(t *testing.T, img v1.Image) ([]string, map[string]entry) {
+	t.Helper()
+	layers, err := img.Layers()
+	if err != nil || len(layers) != 1 {
+		t.Fatalf("layers: %d, %v", len(layers), err)
+	}
+	rc, err := layers[0].Uncompressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	tr := tar.NewReader(rc)
+	var names []string
+	files := map[string]entry{}
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return names, files
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, h.Name)
+		if h.Typeflag == tar.TypeReg {
+			b, _ := io.ReadAll(tr)
+			files[h.Name] = entry{h.Name, b, h.Mode}
 		}
 	}
 }
