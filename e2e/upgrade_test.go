@@ -72,10 +72,16 @@ func (e *env) stream(ns, pod, addr string) *streamed {
 // checked, without a reset; the update completes; requests then go
 // through the new proxies.
 func (e *env) rollingUpdateResetsNothing(serverIP, wantPeer string) {
+	e.rollingUpdateOf("ambit-system", "ambit-node", "app=ambit-node", serverIP, wantPeer)
+}
+
+// rollingUpdateOf is rollingUpdateResetsNothing for the node proxies'
+// DaemonSet ns/ds, whose pods selector selects.
+func (e *env) rollingUpdateOf(ns, ds, selector, serverIP, wantPeer string) {
 	t := e.t
 	t.Helper()
 	before := map[string]bool{}
-	l, err := e.kc.CoreV1().Pods("ambit-system").List(e.ctx, metav1.ListOptions{LabelSelector: "app=ambit-node"})
+	l, err := e.kc.CoreV1().Pods(ns).List(e.ctx, metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,11 +90,11 @@ func (e *env) rollingUpdateResetsNothing(serverIP, wantPeer string) {
 	}
 	s := e.stream("demo", "client", serverIP+":9000")
 	start := time.Now()
-	e.kubectl("-n", "ambit-system", "rollout", "restart", "daemonset/ambit-node")
+	e.kubectl("-n", ns, "rollout", "restart", "daemonset/"+ds)
 	// The first old node pod told to stop (SIGTERM: its deletion began).
 	var stopping string
 	e.wait(4*time.Minute, "an old node pod stopping", func() error {
-		l, err := e.kc.CoreV1().Pods("ambit-system").List(e.ctx, metav1.ListOptions{LabelSelector: "app=ambit-node"})
+		l, err := e.kc.CoreV1().Pods(ns).List(e.ctx, metav1.ListOptions{LabelSelector: selector})
 		if err != nil {
 			return err
 		}
@@ -134,10 +140,10 @@ func (e *env) rollingUpdateResetsNothing(serverIP, wantPeer string) {
 	}
 	lines := strings.Split(strings.TrimSpace(s.output()), "\n")
 	t.Logf("a transfer across the rolling update (node pod %s stopped while it ran): %s, no reset", stopping, lines[len(lines)-1])
-	if out, err := e.c.Kubectl(e.ctx, "-n", "ambit-system", "rollout", "status", "daemonset/ambit-node", "--timeout=5m"); err != nil {
+	if out, err := e.c.Kubectl(e.ctx, "-n", ns, "rollout", "status", "daemonset/"+ds, "--timeout=5m"); err != nil {
 		t.Fatalf("the rolling update: %v\n%s", err, out)
 	}
-	e.waitDaemonSet("ambit-system", "ambit-node", len(e.c.Nodes))
+	e.waitDaemonSet(ns, ds, len(e.c.Nodes))
 	if out := e.exec("demo", "client", "/testapp", "get", "http://"+serverIP+":8080/"); !strings.Contains(out, wantPeer) {
 		t.Errorf("after the rolling update: %q", out)
 	}

@@ -79,6 +79,7 @@ type ClusterNode struct {
 	Dir     string       `json:"dir"`
 	MountNS string       `json:"mountNS"` // the file its mount namespace is pinned to
 	Cgroup  string       `json:"cgroup"`  // its cgroup, the same path in every hierarchy
+	PIDNS   string       `json:"pidNS"`   // its PID namespace, for nsenter (see pidNS)
 }
 
 // ClusterRoot holds every test cluster's files: /var/lib/ambit-k8s/NAME.
@@ -137,6 +138,9 @@ func UpCluster(ctx context.Context, spec ClusterSpec) (c *Cluster, err error) {
 		return nil, errors.New("kubetest: a cluster needs root (namespaces, mounts, cgroups)")
 	}
 	if err := spec.fill(); err != nil {
+		return nil, err
+	}
+	if err := lockMachine(ctx); err != nil {
 		return nil, err
 	}
 	bins := BinDir()

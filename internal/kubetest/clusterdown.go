@@ -26,6 +26,12 @@ func DownCluster(name string) error {
 	var errs []error
 	// The kubelets first, so they do not restart what is being killed;
 	// then the rest, all at once.
+	// The nodes' PID namespaces first: killing a namespace's init kills
+	// every process in it at once, while the processes outside that
+	// started them are still there to reap them (orphans would wait for
+	// the machine's init, which here takes its time).
+	inits, _ := filepath.Glob(filepath.Join(dir, "pids", "*-pidns.pid"))
+	killAndWait(inits)
 	pidFiles, _ := filepath.Glob(filepath.Join(dir, "pids", "*.pid"))
 	var kubelets, others []string
 	for _, f := range pidFiles {
@@ -116,6 +122,25 @@ func stopPidFiles(files []string) {
 	}
 }
 
+// killAndWait SIGKILLs the processes the files name and waits (10 s at
+// most) until they are gone.
+func killAndWait(files []string) {
+	var pids []int
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		os.Remove(f)
+		if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && perr == nil && pid > 1 && syscall.Kill(pid, syscall.SIGKILL) == nil {
+			pids = append(pids, pid)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, pid := range pids {
+		for alive(pid) && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
 // alive: the process exists and is not a zombie. (A process whose parent
 // is gone is reaped by init, which here may take a while: its zombie
 // answers kill(pid, 0).)
@@ -159,7 +184,8 @@ func Leftovers(name string) []string {
 		b, err := os.ReadFile(f)
 		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
 		if err == nil && bytes.Contains(b, []byte("/ambit-k8s-"+name+"-")) && alive(pid) {
-			out = append(out, fmt.Sprintf("process %d", pid))
+			cmd, _ := os.ReadFile(filepath.Join(filepath.Dir(f), "cmdline"))
+			out = append(out, fmt.Sprintf("process %d (%s)", pid, bytes.ReplaceAll(bytes.TrimRight(cmd, "\x00"), []byte{0}, []byte(" "))))
 		}
 	}
 	if _, err := os.Stat(dir); err == nil {

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // startNode gives the node its directories, mount namespace and cgroups,
@@ -53,7 +54,10 @@ func (c *Cluster) startNode(ctx context.Context, n *ClusterNode, bins string, im
 			return err
 		}
 	}
-	ns := []string{"--mount=" + n.MountNS, "--net=/run/netns/" + n.NetNS}
+	if err := c.pidNS(n); err != nil {
+		return err
+	}
+	ns := n.nsenterArgs()
 	if err := c.start(n.Name+"-containerd", ns, n.Cgroup+"/runtime", "containerd", "--config", filepath.Join(n.Dir, "containerd.toml")); err != nil {
 		return err
 	}
@@ -69,6 +73,73 @@ func (c *Cluster) startNode(ctx context.Context, n *ClusterNode, bins string, im
 		"--config="+filepath.Join(n.Dir, "kubelet.yaml"),
 		"--kubeconfig="+filepath.Join(n.Dir, "kubelet.kubeconfig"),
 		"--hostname-override="+n.Name, "--node-ip="+n.Addr.String(), "--v=1")
+}
+
+// nsenterArgs are nsenter's flags that put a process on the node: its
+// mount, network and PID namespaces.
+func (n *ClusterNode) nsenterArgs() []string {
+	args := []string{"--mount=" + n.MountNS, "--net=/run/netns/" + n.NetNS}
+	if n.PIDNS != "" {
+		args = append(args, "--pid="+n.PIDNS)
+	}
+	return args
+}
+
+// pidNS gives the node a PID namespace of its own, as a real node (or a
+// kind node) has: its init is PID 1, in the node's network namespace, and
+// the node's /proc is that namespace's. Node agents read /proc/1/ns/net as
+// the node's network namespace (istio-cni does); in the machine's PID
+// namespace PID 1 is the machine's init, in another network namespace, and
+// this sandbox does not even let root read it. The init is `unshare
+// --pid --fork`'s child, which mounts the node's /proc and sleeps; it is in
+// the node's cgroup, so Down ends it, and with it every process of the
+// namespace.
+func (c *Cluster) pidNS(n *ClusterNode) error {
+	ns := []string{"--mount=" + n.MountNS, "--net=/run/netns/" + n.NetNS}
+	if err := c.start(n.Name+"-init", ns, n.Cgroup+"/runtime", "unshare", "--pid", "--fork", "--kill-child", "--",
+		"sh", "-c", "mount -t proc proc /proc && exec sleep infinity"); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(filepath.Join(c.Dir, "pids", n.Name+"-init.pid"))
+	if err != nil {
+		return err
+	}
+	parent := strings.TrimSpace(string(b))
+	self, err := os.Readlink("/proc/self/ns/pid")
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(30 * time.Second) // a stuck machine, not a speed check
+	for {
+		// Ready once unshare's child runs in the new namespace and the
+		// node's /proc is its (the node's PID 1 is the child's sleep).
+		own, _ := os.Readlink("/proc/" + parent + "/ns/pid_for_children")
+		kids, _ := os.ReadFile("/proc/" + parent + "/task/" + parent + "/children")
+		if child := strings.Fields(string(kids)); own != "" && own != self && len(child) == 1 {
+			if comm, _ := os.ReadFile("/proc/" + child[0] + "/root/proc/1/comm"); strings.TrimSpace(string(comm)) == "sleep" {
+				// Forked maybe before unshare was moved into the cgroup:
+				// moved too, so that Down's kill of the cgroup ends it.
+				pid, err := strconv.Atoi(child[0])
+				if err != nil {
+					return err
+				}
+				if err := joinCgroup(n.Cgroup+"/runtime", pid); err != nil {
+					return fmt.Errorf("kubetest: node %s's init into its cgroup: %w", n.Name, err)
+				}
+				// Down kills it first: the namespace's processes die with
+				// it while their parents (nsenter, unshare) still reap them.
+				if err := os.WriteFile(filepath.Join(c.Dir, "pids", n.Name+"-pidns.pid"), []byte(child[0]), 0o644); err != nil {
+					return err
+				}
+				n.PIDNS = "/proc/" + parent + "/ns/pid_for_children"
+				return c.save()
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kubetest: node %s: its PID namespace's init did not start (see its log)", n.Name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // mountNS makes the node's mount namespace: a slave of the host's (the

@@ -90,14 +90,14 @@ func (c *Cluster) StartInWire(tag string, env []string, dir, bin string, args ..
 	return c.startIn(tag, []string{"--net=/run/netns/" + c.WireNS}, "", env, dir, bin, args...)
 }
 
-// OnNode runs a command in a node's network and mount namespaces (as a
-// process on that node would run).
+// OnNode runs a command in a node's network, mount and PID namespaces (as
+// a process on that node would run).
 func (c *Cluster) OnNode(ctx context.Context, node string, argv ...string) ([]byte, error) {
 	n := c.Node(node)
 	if n == nil {
 		return nil, fmt.Errorf("kubetest: no node %q", node)
 	}
-	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--mount=" + n.MountNS, "--net=/run/netns/" + n.NetNS, "--"}, argv...)...)
+	cmd := exec.CommandContext(ctx, "nsenter", append(append(n.nsenterArgs(), "--"), argv...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("on %s: %s: %w: %s", node, strings.Join(argv, " "), err, bytes.TrimSpace(tail(out, 2048)))
