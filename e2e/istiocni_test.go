@@ -104,8 +104,8 @@ func TestIstioCNIAndZtunnelCharts(t *testing.T) {
 	logs = e.kubectl("-n", "istio-system", "logs", "-l", "app=ztunnel", "--tail=-1", "--prefix")
 	// Whether istio-cni's ADD came before istiod's push is a race between
 	// them; reported, not asserted (TestPodEnrolledBeforeXDS asserts the
-	// case on its own).
-	t.Logf("pods istio-cni handed to Ambit before xDS had them: %d", strings.Count(logs, "pod added before xDS has it"))
+	// case on its own, TestPodByItsKubernetesUID the naming).
+	t.Logf("pods istio-cni handed to Ambit before xDS had them: %d of 2", strings.Count(logs, "pod added before xDS has it"))
 	if !strings.Contains(logs, "dst.hbone_addr="+server.Status.PodIP+":15008") {
 		t.Errorf("Ambit's access logs show no HBONE hop to %s:15008:\n%s", server.Status.PodIP, logs)
 	}
@@ -115,4 +115,38 @@ func TestIstioCNIAndZtunnelCharts(t *testing.T) {
 	// new proxy takes istio-cni's snapshot and opens the pods' listeners
 	// beside the old one's; the old one drains. No reset.
 	e.rollingUpdateOf("istio-system", "ztunnel", "app=ztunnel", server.Status.PodIP, wantPeer)
+
+	// istio-cni restarted: Ambit keeps serving the pods it has (a live
+	// connection survives), takes the new agent's snapshot, and new
+	// connections work.
+	live := e.hold("demo", "client", server.Status.PodIP+":8080")
+	e.kubectl("-n", "istio-system", "rollout", "restart", "daemonset/istio-cni-node")
+	if out, err := c.Kubectl(e.ctx, "-n", "istio-system", "rollout", "status", "daemonset/istio-cni-node", "--timeout=5m"); err != nil {
+		t.Fatalf("istio-cni's restart: %v\n%s", err, out)
+	}
+	e.waitDaemonSet("istio-system", "istio-cni-node", len(c.Nodes))
+	select {
+	case <-live.done:
+		t.Errorf("a live connection ended when istio-cni restarted:\n%s", live.out.String())
+	default:
+	}
+	e.eventually("a request after istio-cni's restart", func() error {
+		out, err := c.Kubectl(e.ctx, "-n", "demo", "exec", "client", "--", "/testapp", "get", serverURL)
+		if err != nil || !strings.Contains(string(out), wantPeer) {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	live.stop()
+
+	// A pod deleted: istio-cni tells Ambit (by the Kubernetes UID), which
+	// closes the pod's listeners.
+	e.kubectl("-n", "demo", "delete", "pod", "server", "--wait=true")
+	e.eventually("the server pod removed from Ambit", func() error {
+		logs := e.kubectl("-n", "istio-system", "logs", "-l", "app=ztunnel", "--tail=-1", "--prefix")
+		if !strings.Contains(logs, `msg="pod removed" uid=`+string(server.UID)) {
+			return fmt.Errorf("no removal of %s in:\n%s", server.UID, logs)
+		}
+		return nil
+	})
 }

@@ -380,20 +380,21 @@ func dumpCert(c *x509.Certificate) zCert {
 // so their list stays empty.
 func (p *Proxy) workloadState(ix *workload.Index) map[string]zWorkloadState {
 	out := map[string]zWorkloadState{}
-	add := func(uid string) {
-		st := zWorkloadState{State: "Up", Connections: zConnections{Inbound: []zConn{}, Outbound: []zConn{}}}
-		if wl := ix.WorkloadByUID(uid); wl != nil {
-			st.Info = zInfo{Name: wl.Name, Namespace: wl.Namespace, ServiceAccount: wl.ServiceAccount}
+	// Keyed by the workload's uid (a pod xDS does not have yet: the
+	// agent's), which is what its connections name.
+	add := func(wl *workload.Workload, uid string, info zInfo) {
+		if wl != nil {
+			uid, info = wl.UID, zInfo{Name: wl.Name, Namespace: wl.Namespace, ServiceAccount: wl.ServiceAccount}
 		}
-		out[uid] = st
+		out[uid] = zWorkloadState{State: "Up", Info: info, Connections: zConnections{Inbound: []zConn{}, Outbound: []zConn{}}}
 	}
 	if self := p.self.Load(); self != nil {
-		add(self.UID)
+		add(self, "", zInfo{})
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, pd := range p.pods {
-		add(pd.uid)
+		add(p.podWorkload(ix, pd.uid, pd.name, pd.namespace), pd.uid, zInfo{Name: pd.name, Namespace: pd.namespace})
 	}
 	for c := range p.live {
 		tc := &c.tc

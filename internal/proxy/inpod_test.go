@@ -373,3 +373,38 @@ func TestPodListenersLeaveRoomForASuccessor(t *testing.T) {
 		}
 	}
 }
+
+// TestPodByItsKubernetesUID: istio-cni names a pod by its Kubernetes UID,
+// which istiod's workload uids ("Kubernetes//Pod/ns/name") do not carry;
+// the proxy finds the pod's workload by the WorkloadInfo's namespace and
+// name, as ztunnel does, and does not hold it as one xDS lacks.
+func TestPodByItsKubernetesUID(t *testing.T) {
+	podNS, podName := testutil.Netns(t)
+	peerNS, _ := testutil.Netns(t)
+	testutil.Veth(t, podNS, peerNS, "10.250.12.2/24", "10.250.12.3/24")
+	ix, err := config.Parse("pod.yaml", []byte("workloads:\n- {uid: Kubernetes//Pod/default/named, name: named, namespace: default, workloadIps: [\"10.250.12.2\"], protocol: HBONE, node: master}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, agent, lb := inPodProxy(t, ix, netip.MustParseAddr("127.0.77.7"))
+	testutil.WaitFor(t, "the proxy on the ZDS socket", func() bool { return agent.ProxyConnected() })
+	const k8sUID = "0b6c2a9e-3f0d-4c55-9d6b-1c1a2b3c4d5e"
+	if err := agent.Enroll(nodeagent.Pod{UID: k8sUID, Info: &zdsapi.WorkloadInfo{Name: "named", Namespace: "default", ServiceAccount: "default"}, NSPath: "/run/netns/" + podName}); err != nil {
+		t.Fatal(err)
+	}
+	if active, pending := p.podCounts(); active != 1 || pending != 0 {
+		t.Errorf("pods active %d, pending %d; want 1 and 0 (xDS has it, by namespace and name)", active, pending)
+	}
+	if strings.Contains(lb.String(), "pod added before xDS has it") {
+		t.Errorf("the pod was held as one xDS lacks:\n%s", lb.String())
+	}
+	if st, ok := p.buildDump().WorkloadState["Kubernetes//Pod/default/named"]; !ok || st.Info.Name != "named" {
+		t.Errorf("workloadState %+v: want the pod under its workload's uid", p.buildDump().WorkloadState)
+	}
+	if err := agent.Unenroll(k8sUID); err != nil {
+		t.Fatalf("a delete by the Kubernetes UID: %v", err)
+	}
+	if active, _ := p.podCounts(); active != 0 {
+		t.Error("the pod is still enrolled after its delete")
+	}
+}

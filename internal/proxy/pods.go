@@ -12,6 +12,7 @@ import (
 	"github.com/ambitmesh/ambit/internal/nsutil"
 	"github.com/ambitmesh/ambit/internal/relay"
 	"github.com/ambitmesh/ambit/internal/sockopt"
+	"github.com/ambitmesh/ambit/internal/workload"
 	"github.com/ambitmesh/ambit/internal/zds"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -21,10 +22,11 @@ import (
 // pod is a workload enrolled in in-pod capture: the proxy listens inside
 // its namespace and opens its connections from there.
 type pod struct {
-	uid       string
-	ip        netip.Addr
-	ns        netns.NsHandle
-	listeners []net.Listener
+	uid             string // as the node agent names it: istio-cni gives the Kubernetes pod UID
+	name, namespace string // the pod's name and namespace, from the agent's WorkloadInfo ("" without)
+	ip              netip.Addr
+	ns              netns.NsHandle
+	listeners       []net.Listener
 }
 
 // AddPod enrolls a local workload whose network namespace has capture
@@ -37,9 +39,9 @@ type pod struct {
 // it. Its address is read from its namespace; its connections are refused
 // (no source workload, no certificate) until xDS brings it. A pod xDS
 // places on another node is refused.
-func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
+func (p *Proxy) AddPod(uid string, info *zdsapi.WorkloadInfo, ns netns.NsHandle) error {
 	ix := p.index.Load()
-	w := ix.WorkloadByUID(uid)
+	w := p.podWorkload(ix, uid, info.GetName(), info.GetNamespace())
 	if w != nil && !p.isLocal(w) {
 		return fmt.Errorf("proxy: add pod %s: a workload of node %q, not of this node", uid, w.Node)
 	}
@@ -57,7 +59,7 @@ func (p *Proxy) AddPod(uid string, ns netns.NsHandle) error {
 	if err != nil {
 		return fmt.Errorf("proxy: add pod %s: %w", uid, err)
 	}
-	pd := &pod{uid: uid, ip: ip, ns: netns.NsHandle(dup)}
+	pd := &pod{uid: uid, name: info.GetName(), namespace: info.GetNamespace(), ip: ip, ns: netns.NsHandle(dup)}
 	// Added again (the agent resends its snapshot when the proxy
 	// reconnects): the old listeners go first, or the new ones could not bind.
 	p.mu.Lock()
@@ -165,6 +167,27 @@ func (p *Proxy) RemovePod(uid string) error {
 	return nil
 }
 
+// podWorkload is the workload xDS has for an enrolled pod: by the
+// agent's uid when it is xDS's (Ambit's agent sends that), else by the
+// pod's namespace and name among this node's workloads. istio-cni sends
+// the Kubernetes pod UID, which istiod's workload uids
+// ("cluster//Pod/namespace/name") do not carry; ztunnel too finds the
+// pod's workload by its WorkloadInfo.
+func (p *Proxy) podWorkload(ix *workload.Index, uid, name, namespace string) *workload.Workload {
+	if w := ix.WorkloadByUID(uid); w != nil {
+		return w
+	}
+	if name == "" {
+		return nil
+	}
+	for _, w := range ix.WorkloadsOnNode(p.opts.Node) {
+		if w.Name == name && w.Namespace == namespace && !w.HostNetwork {
+			return w
+		}
+	}
+	return nil
+}
+
 // podCounts is what workload_manager_active_proxy_count and
 // workload_manager_pending_proxy_count show: the pods enrolled, and of
 // them those xDS has not sent yet.
@@ -173,7 +196,7 @@ func (p *Proxy) podCounts() (active, pending int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, pd := range p.pods {
-		if ix.WorkloadByUID(pd.uid) == nil {
+		if p.podWorkload(ix, pd.uid, pd.name, pd.namespace) == nil {
 			pending++
 		}
 	}
@@ -301,8 +324,8 @@ func (p *Proxy) ZDS() zds.Handler { return zdsHandler{p} }
 
 type zdsHandler struct{ p *Proxy }
 
-func (h zdsHandler) Add(uid string, _ *zdsapi.WorkloadInfo, ns netns.NsHandle) error {
-	return h.p.AddPod(uid, ns)
+func (h zdsHandler) Add(uid string, info *zdsapi.WorkloadInfo, ns netns.NsHandle) error {
+	return h.p.AddPod(uid, info, ns)
 }
 
 // Keep: the agent lost the pod's namespace but the pod lives; if we serve

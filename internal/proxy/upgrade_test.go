@@ -120,7 +120,7 @@ func TestUpgradeWithoutReset(t *testing.T) {
 	// node agent would hand it the same namespaces), then the old one stops.
 	next, nextLog, _, _ := start("127.0.77.6", false)
 	for uid, ns := range map[string]netns.NsHandle{"up//client": clientNS, "up//server": serverNS} {
-		if err := next.AddPod(uid, ns); err != nil {
+		if err := next.AddPod(uid, nil, ns); err != nil {
 			t.Fatalf("the new proxy cannot open %s's listeners beside the old one's: %v", uid, err)
 		}
 	}
