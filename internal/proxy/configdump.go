@@ -164,7 +164,7 @@ type zInfo struct {
 
 type zConnections struct {
 	Inbound  []zConn `json:"inbound"`
-	Outbound []zConn `json:"outbound"` // not tracked yet: always empty
+	Outbound []zConn `json:"outbound"`
 }
 
 type zConn struct {
@@ -375,9 +375,8 @@ func dumpCert(c *x509.Certificate) zCert {
 }
 
 // workloadState is ztunnel's per-pod section: the pods enrolled in this
-// proxy (in dedicated mode, its one workload) and their live inbound
-// connections. Ambit does not yet keep a registry of outbound connections,
-// so their list stays empty.
+// proxy (in dedicated mode, its one workload) and their live connections,
+// inbound and outbound.
 func (p *Proxy) workloadState(ix *workload.Index) map[string]zWorkloadState {
 	out := map[string]zWorkloadState{}
 	// Keyed by the workload's uid (a pod xDS does not have yet: the
@@ -413,8 +412,26 @@ func (p *Proxy) workloadState(ix *workload.Index) map[string]zWorkloadState {
 		st.Connections.Inbound = append(st.Connections.Inbound, zConn{Src: tc.Src.String(), ActualDst: tc.Dst.String(), Protocol: proto})
 		out[uid] = st
 	}
+	for c := range p.out {
+		tc := &c.tc
+		if tc.SrcWorkload == nil {
+			continue
+		}
+		st, ok := out[tc.SrcWorkload.UID]
+		if !ok {
+			continue
+		}
+		orig := tc.Dst.String()
+		zc := zConn{Src: tc.Src.String(), OriginalDst: &orig, ActualDst: orig, Protocol: "TCP"}
+		if tc.MTLS {
+			zc.ActualDst, zc.Protocol = tc.DstHBONE.String(), "HBONE"
+		}
+		st.Connections.Outbound = append(st.Connections.Outbound, zc)
+		out[tc.SrcWorkload.UID] = st
+	}
 	for uid, st := range out {
 		slices.SortFunc(st.Connections.Inbound, func(a, b zConn) int { return cmp.Compare(a.Src, b.Src) })
+		slices.SortFunc(st.Connections.Outbound, func(a, b zConn) int { return cmp.Compare(a.Src, b.Src) })
 		out[uid] = st
 	}
 	return out

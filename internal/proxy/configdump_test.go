@@ -54,7 +54,10 @@ type testDump struct {
 				Src, ActualDst, Protocol string
 				OriginalDst              *string `json:"originalDst"`
 			}
-			Outbound []json.RawMessage
+			Outbound []struct {
+				Src, ActualDst, Protocol string
+				OriginalDst              *string `json:"originalDst"`
+			}
 		} `json:"connections"`
 	} `json:"workloadState"`
 	Config struct{ ProxyMode, Workload string } `json:"config"`
@@ -164,6 +167,18 @@ func TestConfigDumpInZtunnelSchema(t *testing.T) {
 	if len(st.Conns.Inbound) != 1 || st.Conns.Inbound[0].Protocol != "HBONE" || st.Conns.Inbound[0].ActualDst != netip.AddrPortFrom(m.serverIP, 8080).String() ||
 		!strings.HasPrefix(st.Conns.Inbound[0].Src, m.clientIP.String()+":") {
 		t.Errorf("inbound connections of the server: %+v", st.Conns.Inbound)
+	}
+
+	// The client's proxy shows the same connection outbound: to the
+	// server's 8080, carried to its 15008 over HBONE.
+	var cd testDump
+	if err := json.Unmarshal([]byte(get(t, "http://"+netip.AddrPortFrom(m.clientIP, ambient.AdminPort).String()+"/config_dump")), &cd); err != nil {
+		t.Fatal(err)
+	}
+	out := cd.WorkloadState["test//client"].Conns.Outbound
+	if len(out) != 1 || out[0].Protocol != "HBONE" || out[0].OriginalDst == nil || *out[0].OriginalDst != netip.AddrPortFrom(m.serverIP, 8080).String() ||
+		out[0].ActualDst != netip.AddrPortFrom(m.serverIP, ambient.ZtunnelInboundPort).String() || out[0].Src != c.LocalAddr().String() {
+		t.Errorf("outbound connections of the client: %+v", out)
 	}
 }
 

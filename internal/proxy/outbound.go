@@ -267,6 +267,9 @@ func (p *Proxy) outbound(down *net.TCPConn, dst netip.AddrPort, reply func(byte,
 		up = p.adopt(c)
 	}
 	oc.app, oc.up = app, up
+	p.mu.Lock()
+	p.out[oc] = struct{}{} // for /config_dump's workloadState
+	p.mu.Unlock()
 	p.relayAsync(app, up, oc)
 	return true
 }
@@ -286,6 +289,9 @@ func (c *outConn) Finish(res relay.Result) { c.finish(c, res) }
 
 // end closes both sides and reports the connection.
 func (c *outConn) end(res relay.Result) {
+	c.p.mu.Lock()
+	delete(c.p.out, c)
+	c.p.mu.Unlock()
 	c.up.Close()
 	c.app.Close()
 	c.p.opts.Metrics.Closed(&c.tc, res.AToB, res.BToA, telemetry.FlagNone)

@@ -134,6 +134,7 @@ type Proxy struct {
 	mu      sync.Mutex
 	pods    map[netip.Addr]*pod // enrolled pods by IP (in-pod capture)
 	live    map[*liveConn]struct{}
+	out     map[*outConn]struct{} // outbound connections being relayed, for /config_dump
 	tracked map[identity.ID]bool
 	warned  sync.Once // the dedicated-mode source-IP fallback, said once
 
@@ -181,6 +182,7 @@ func New(opts Options, ix *workload.Index) (*Proxy, error) {
 		alog:    opts.AccessLog,
 		rnd:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		live:    map[*liveConn]struct{}{},
+		out:     map[*outConn]struct{}{},
 		pods:    map[netip.Addr]*pod{},
 		tracked: map[identity.ID]bool{},
 		quit:    make(chan struct{}),
