@@ -113,7 +113,7 @@ lint:
 
 # openssl is used by a test that loads a CA made by another tool; containerd
 # and runc by the image's test (tools/mkimage) and the test cluster, with
-# the standard CNI plugins (/usr/lib/cni).
+# the standard CNI plugins (/usr/lib/cni); nft by istio-cni's test image.
 deps:
 	@command -v openssl >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -122,10 +122,10 @@ deps:
 		else \
 			echo "note: openssl is missing and cannot be installed here (not root); its test will say SKIP"; \
 		fi; }
-	@{ command -v containerd && command -v runc && test -x /usr/lib/cni/bridge; } >/dev/null 2>&1 || { \
+	@{ command -v containerd && command -v runc && command -v nft && test -x /usr/lib/cni/bridge; } >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing containerd, runc and the CNI plugins"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc containernetworking-plugins >/dev/null; \
+			echo "installing containerd, runc, the CNI plugins and nft (istio-cni's image carries it)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc containernetworking-plugins nftables >/dev/null; \
 		else \
 			echo "note: containerd, runc or the CNI plugins are missing and cannot be installed here (not root); their tests need root anyway"; \
 		fi; }
