@@ -331,14 +331,20 @@ func (e *env) followAgentLogs() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+e.c.WireNS, "--", filepath.Join(kubetest.BinDir(), "kubectl"),
-		"--kubeconfig", e.c.Kubeconfig, "-n", "ambit-system", "logs", "-f", "-l", "app=ambit-node", "-c", "agent", "--prefix", "--tail=20")
+	cmd := e.kubectlCmd("-n", "ambit-system", "logs", "-f", "-l", "app=ambit-node", "-c", "agent", "--prefix", "--tail=20")
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); f.Close() })
+}
+
+// kubectlCmd is kubectl with args, from the API server's network, to be
+// started in the background (a follow, an exec that runs a while).
+func (e *env) kubectlCmd(args ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + e.c.WireNS, "--", filepath.Join(kubetest.BinDir(), "kubectl"),
+		"--kubeconfig", e.c.Kubeconfig}, args...)...)
 }
 
 func (e *env) kubectl(args ...string) string {
@@ -578,8 +584,7 @@ type held struct {
 func (e *env) hold(ns, pod, addr string) *held {
 	e.t.Helper()
 	h := &held{done: make(chan struct{}), out: &strings.Builder{}}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+e.c.WireNS, "--", filepath.Join(kubetest.BinDir(), "kubectl"),
-		"--kubeconfig", e.c.Kubeconfig, "-n", ns, "exec", pod, "--", "/testapp", "hold", addr)
+	cmd := e.kubectlCmd("-n", ns, "exec", pod, "--", "/testapp", "hold", addr)
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		e.t.Fatal(err)

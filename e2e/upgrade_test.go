@@ -3,13 +3,10 @@ package e2e
 import (
 	"fmt"
 	"io"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/ambitmesh/ambit/internal/kubetest"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -36,8 +33,7 @@ func (s *streamed) ups() int { return strings.Count(s.output(), "up ") }
 func (e *env) stream(ns, pod, addr string) *streamed {
 	e.t.Helper()
 	s := &streamed{done: make(chan struct{})}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+e.c.WireNS, "--", filepath.Join(kubetest.BinDir(), "kubectl"),
-		"--kubeconfig", e.c.Kubeconfig, "-n", ns, "exec", "-i", pod, "--", "/testapp", "stream", addr)
+	cmd := e.kubectlCmd("-n", ns, "exec", "-i", pod, "--", "/testapp", "stream", addr)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		e.t.Fatal(err)

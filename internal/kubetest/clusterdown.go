@@ -31,7 +31,7 @@ func DownCluster(name string) error {
 	// started them are still there to reap them (orphans would wait for
 	// the machine's init, which here takes its time).
 	inits, _ := filepath.Glob(filepath.Join(dir, "pids", "*-pidns.pid"))
-	killAndWait(inits)
+	signalPidFiles(inits, syscall.SIGKILL, 10*time.Second)
 	pidFiles, _ := filepath.Glob(filepath.Join(dir, "pids", "*.pid"))
 	var kubelets, others []string
 	for _, f := range pidFiles {
@@ -101,7 +101,11 @@ func DownCluster(name string) error {
 // 2 s for them to end, KILLs the rest and removes the files. (The API
 // server drains its watches for a minute when asked to stop; a test
 // cluster's state is thrown away, so it is not waited for.)
-func stopPidFiles(files []string) {
+func stopPidFiles(files []string) { signalPidFiles(files, syscall.SIGTERM, 2*time.Second) }
+
+// signalPidFiles sends sig to the processes the files name, removes the
+// files, gives the processes wait to end and KILLs what is left.
+func signalPidFiles(files []string, sig syscall.Signal, wait time.Duration) {
 	var pids []int
 	for _, f := range files {
 		b, err := os.ReadFile(f)
@@ -109,35 +113,16 @@ func stopPidFiles(files []string) {
 		if err != nil {
 			continue
 		}
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 && syscall.Kill(pid, syscall.SIGTERM) == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 && syscall.Kill(pid, sig) == nil {
 			pids = append(pids, pid)
 		}
 	}
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(wait)
 	for _, pid := range pids {
 		for alive(pid) && time.Now().Before(deadline) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-}
-
-// killAndWait SIGKILLs the processes the files name and waits (10 s at
-// most) until they are gone.
-func killAndWait(files []string) {
-	var pids []int
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		os.Remove(f)
-		if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && perr == nil && pid > 1 && syscall.Kill(pid, syscall.SIGKILL) == nil {
-			pids = append(pids, pid)
-		}
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for _, pid := range pids {
-		for alive(pid) && time.Now().Before(deadline) {
-			time.Sleep(50 * time.Millisecond)
-		}
 	}
 }
 

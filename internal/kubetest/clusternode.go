@@ -105,17 +105,12 @@ func (c *Cluster) pidNS(n *ClusterNode) error {
 		return err
 	}
 	parent := strings.TrimSpace(string(b))
-	self, err := os.Readlink("/proc/self/ns/pid")
-	if err != nil {
-		return err
-	}
 	deadline := time.Now().Add(30 * time.Second) // a stuck machine, not a speed check
 	for {
-		// Ready once unshare's child runs in the new namespace and the
-		// node's /proc is its (the node's PID 1 is the child's sleep).
-		own, _ := os.Readlink("/proc/" + parent + "/ns/pid_for_children")
+		// Ready once the node's /proc is the new namespace's: its PID 1,
+		// seen from unshare's child, is the child's sleep.
 		kids, _ := os.ReadFile("/proc/" + parent + "/task/" + parent + "/children")
-		if child := strings.Fields(string(kids)); own != "" && own != self && len(child) == 1 {
+		if child := strings.Fields(string(kids)); len(child) == 1 {
 			if comm, _ := os.ReadFile("/proc/" + child[0] + "/root/proc/1/comm"); strings.TrimSpace(string(comm)) == "sleep" {
 				// Forked maybe before unshare was moved into the cgroup:
 				// moved too, so that Down's kill of the cgroup ends it.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ambitmesh/ambit/internal/authz"
 	"github.com/ambitmesh/ambit/internal/identity"
+	"github.com/ambitmesh/ambit/internal/telemetry"
 	"github.com/ambitmesh/ambit/internal/workload"
 )
 
@@ -25,13 +26,13 @@ import (
 // Keys and tokens never appear.
 
 type zDump struct {
-	Workloads     []zWorkload               `json:"workloads"`
-	Services      []zService                `json:"services"`
-	Policies      []zPolicy                 `json:"policies"`
-	Certificates  []zCerts                  `json:"certificates"`
-	WorkloadState map[string]zWorkloadState `json:"workloadState"`
-	Version       zVersion                  `json:"version"`
-	Config        zConfig                   `json:"config"`
+	Workloads     []zWorkload                `json:"workloads"`
+	Services      []zService                 `json:"services"`
+	Policies      []zPolicy                  `json:"policies"`
+	Certificates  []zCerts                   `json:"certificates"`
+	WorkloadState map[string]*zWorkloadState `json:"workloadState"`
+	Version       zVersion                   `json:"version"`
+	Config        zConfig                    `json:"config"`
 }
 
 type zVersion struct {
@@ -377,15 +378,15 @@ func dumpCert(c *x509.Certificate) zCert {
 // workloadState is ztunnel's per-pod section: the pods enrolled in this
 // proxy (in dedicated mode, its one workload) and their live connections,
 // inbound and outbound.
-func (p *Proxy) workloadState(ix *workload.Index) map[string]zWorkloadState {
-	out := map[string]zWorkloadState{}
+func (p *Proxy) workloadState(ix *workload.Index) map[string]*zWorkloadState {
+	out := map[string]*zWorkloadState{}
 	// Keyed by the workload's uid (a pod xDS does not have yet: the
 	// agent's), which is what its connections name.
 	add := func(wl *workload.Workload, uid string, info zInfo) {
 		if wl != nil {
 			uid, info = wl.UID, zInfo{Name: wl.Name, Namespace: wl.Namespace, ServiceAccount: wl.ServiceAccount}
 		}
-		out[uid] = zWorkloadState{State: "Up", Info: info, Connections: zConnections{Inbound: []zConn{}, Outbound: []zConn{}}}
+		out[uid] = &zWorkloadState{State: "Up", Info: info, Connections: zConnections{Inbound: []zConn{}, Outbound: []zConn{}}}
 	}
 	if self := p.self.Load(); self != nil {
 		add(self, "", zInfo{})
@@ -395,44 +396,39 @@ func (p *Proxy) workloadState(ix *workload.Index) map[string]zWorkloadState {
 	for _, pd := range p.pods {
 		add(p.podWorkload(ix, pd.uid, pd.name, pd.namespace), pd.uid, zInfo{Name: pd.name, Namespace: pd.namespace})
 	}
+	// A connection goes under its local end's workload: the destination
+	// inbound, the source outbound.
+	state := func(w *workload.Workload) *zWorkloadState {
+		if w == nil {
+			return nil
+		}
+		return out[w.UID]
+	}
 	for c := range p.live {
-		tc := &c.tc
-		uid := ""
-		if tc.DstWorkload != nil {
-			uid = tc.DstWorkload.UID
+		if st := state(c.tc.DstWorkload); st != nil {
+			st.Connections.Inbound = append(st.Connections.Inbound, zConn{Src: c.tc.Src.String(), ActualDst: c.tc.Dst.String(), Protocol: protocolOf(&c.tc)})
 		}
-		st, ok := out[uid]
-		if !ok {
-			continue
-		}
-		proto := "TCP"
-		if tc.MTLS {
-			proto = "HBONE"
-		}
-		st.Connections.Inbound = append(st.Connections.Inbound, zConn{Src: tc.Src.String(), ActualDst: tc.Dst.String(), Protocol: proto})
-		out[uid] = st
 	}
 	for c := range p.out {
-		tc := &c.tc
-		if tc.SrcWorkload == nil {
-			continue
+		if st := state(c.tc.SrcWorkload); st != nil {
+			orig, actual := c.tc.Dst.String(), c.tc.Dst.String()
+			if c.tc.MTLS {
+				actual = c.tc.DstHBONE.String()
+			}
+			st.Connections.Outbound = append(st.Connections.Outbound, zConn{Src: c.tc.Src.String(), OriginalDst: &orig, ActualDst: actual, Protocol: protocolOf(&c.tc)})
 		}
-		st, ok := out[tc.SrcWorkload.UID]
-		if !ok {
-			continue
-		}
-		orig := tc.Dst.String()
-		zc := zConn{Src: tc.Src.String(), OriginalDst: &orig, ActualDst: orig, Protocol: "TCP"}
-		if tc.MTLS {
-			zc.ActualDst, zc.Protocol = tc.DstHBONE.String(), "HBONE"
-		}
-		st.Connections.Outbound = append(st.Connections.Outbound, zc)
-		out[tc.SrcWorkload.UID] = st
 	}
-	for uid, st := range out {
+	for _, st := range out {
 		slices.SortFunc(st.Connections.Inbound, func(a, b zConn) int { return cmp.Compare(a.Src, b.Src) })
 		slices.SortFunc(st.Connections.Outbound, func(a, b zConn) int { return cmp.Compare(a.Src, b.Src) })
-		out[uid] = st
 	}
 	return out
+}
+
+// protocolOf is ztunnel's name for how a connection is carried.
+func protocolOf(c *telemetry.Conn) string {
+	if c.MTLS {
+		return "HBONE"
+	}
+	return "TCP"
 }

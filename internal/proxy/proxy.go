@@ -134,15 +134,14 @@ type Proxy struct {
 	mu      sync.Mutex
 	pods    map[netip.Addr]*pod // enrolled pods by IP (in-pod capture)
 	live    map[*liveConn]struct{}
-	out     map[*outConn]struct{} // outbound connections being relayed, for /config_dump
+	out     map[*outConn]struct{} // outbound connections being relayed (/config_dump, the drain)
 	tracked map[identity.ID]bool
 	warned  sync.Once // the dedicated-mode source-IP fallback, said once
 
 	quit     chan struct{} // closed by /quitquitquit: Run ends as when its context does
 	quitOnce sync.Once
 
-	wg     sync.WaitGroup
-	relays atomic.Int64 // connections being relayed, for the drain
+	wg sync.WaitGroup
 }
 
 // liveConn is an inbound connection policy may close later: one object
@@ -488,7 +487,6 @@ func (p *Proxy) acceptLoop(l net.Listener, serve func(*net.TCPConn) bool) {
 // ends the relay.
 func (p *Proxy) relayAsync(down, up relay.Conn, rec relayedRecord) {
 	p.wg.Add(1)
-	p.relays.Add(1)
 	relay.GoFinisher(down, up, rec)
 }
 
@@ -511,8 +509,15 @@ type relayed struct {
 
 func (r relayed) finish(rec relayedRecord, res relay.Result) {
 	defer r.p.wg.Done()
-	defer r.p.relays.Add(-1)
 	rec.end(res)
+}
+
+// relaying counts the connections being relayed: every one is in live
+// (inbound) or out (outbound) from before its relay starts until its end.
+func (p *Proxy) relaying() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.live) + len(p.out)
 }
 
 // waitRelays waits until no connection is relayed, or ctx ends. It polls
@@ -521,10 +526,10 @@ func (r relayed) finish(rec relayedRecord, res relay.Result) {
 func (p *Proxy) waitRelays(ctx context.Context) {
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	for p.relays.Load() > 0 {
+	for p.relaying() > 0 {
 		select {
 		case <-ctx.Done():
-			p.log.Warn("drain deadline passed; closing the connections still open", "open", p.relays.Load())
+			p.log.Warn("drain deadline passed; closing the connections still open", "open", p.relaying())
 			return
 		case <-tick.C:
 		}

@@ -114,7 +114,7 @@ func TestUpgradeWithoutReset(t *testing.T) {
 	if _, err := live.Write(sent[:half]); err != nil {
 		t.Fatal(err)
 	}
-	testutil.WaitFor(t, "the old proxy relaying the live connection", func() bool { return old.relays.Load() >= 2 })
+	testutil.WaitFor(t, "the old proxy relaying the live connection", func() bool { return old.relaying() >= 2 })
 
 	// The new proxy opens the pods' listeners beside the old one's (its
 	// node agent would hand it the same namespaces), then the old one stops.
